@@ -1,0 +1,360 @@
+"""Every setting of a raypipe run, with its default, in one place.
+
+One frozen dataclass per stage. A run's config is built from the defaults below, then a YAML file,
+then ``section.key=value`` overrides (the value parsed as YAML, so ``f_ft.lr=1e-4`` is a float and
+``run.routes=[l_ft,f_ft]`` a list). Unknown keys, wrong types and out-of-range values are rejected
+with a message naming the key and what to change, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from raypipe.errors import ConfigError
+
+ROUTES = ("initial", "l_ft", "f_ft", "retrain")
+REPAIR_ROUTES = ("l_ft", "f_ft", "retrain")  # `initial` always runs (or is given): it is the model to repair
+RULES = ("grad_x_act_maxclass", "grad_x_act_label", "loss", "last_layer_grad")
+SOURCES = ("digits", "fashion-mnist", "mnist", "cifar10", "parquet")
+MODELS = ("mlp", "cnn_small", "resnet18_cifar", "user")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    # Which routes to run besides `initial` (which always runs, or is replaced by model.checkpoint):
+    # the repair routes l_ft / f_ft and the retrain baseline.
+    routes: list[str] = field(default_factory=lambda: list(REPAIR_ROUTES))
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # `local`: every stage in this process. `ray`: attribution on Ray Data, training on Ray Train.
+    executor: Literal["local", "ray"] = "local"
+
+    def validate(self) -> None:
+        for route in self.routes:
+            _check(route in REPAIR_ROUTES, "run.routes", f"unknown route '{route}'; use any of {list(REPAIR_ROUTES)}")
+        _check(len(set(self.routes)) == len(self.routes), "run.routes", "a route is listed twice")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "digits"
+    # Directory (idx, cifar10) or file / directory / URI (parquet). None = the source's default.
+    path: str | None = None
+    # Only for sources torchvision can fetch; never done unless asked.
+    download: bool = False
+    val_fraction: float = 0.1
+    # Used when the source has no official test split (digits, parquet).
+    test_fraction: float = 0.2
+    # Cap on the training pool (seeded uniform subset), for quick runs and benchmarks.
+    max_train_samples: int | None = None
+    split_seed: int = 0
+    # parquet source: column names, and the per-sample shape when the image column is flat.
+    image_column: str = "image"
+    label_column: str = "label"
+    shape: list[int] | None = None
+    num_classes: int | None = None
+    # The training split is stored in Parquet shards of this many rows: the unit of parallel,
+    # resumable work for attribution, scoring and the sensitivity sums.
+    shard_rows: int = 2048
+
+    def validate(self) -> None:
+        _check(self.source in SOURCES, "data.source", f"unknown source '{self.source}'; use one of {list(SOURCES)}")
+        _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+        _check(0.0 < self.test_fraction < 1.0, "data.test_fraction", "must be in (0, 1)")
+        _check(self.val_fraction + self.test_fraction < 1.0, "data.val_fraction", "val + test fractions must be < 1")
+        _check(self.max_train_samples is None or self.max_train_samples > 0, "data.max_train_samples", "must be > 0")
+        _check(self.shape is None or all(s > 0 for s in self.shape), "data.shape", "every size must be > 0")
+        _check(self.num_classes is None or self.num_classes >= 2, "data.num_classes", "must be >= 2")
+        _check(self.shard_rows >= 1, "data.shard_rows", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    # none | symmetric (uniform over the other classes) | asymmetric (class-pair flips)
+    # | gaussian (the paper's input noise: x <- clamp(x + N(0, sigma^2), 0, 1)).
+    kind: Literal["none", "symmetric", "asymmetric", "gaussian"] = "symmetric"
+    # Fraction of training samples corrupted (for asymmetric: of each source class's samples).
+    rate: float = 0.4
+    sigma: float = 4.5
+    # asymmetric only: `dataset` = the documented pairs of the source, `cyclic` = c -> c+1 mod C.
+    pairs: Literal["dataset", "cyclic"] = "dataset"
+    seed: int = 0
+
+    def validate(self) -> None:
+        _check(0.0 <= self.rate < 1.0, "noise.rate", f"{self.rate} is outside [0, 1); use e.g. noise.rate=0.4")
+        _check(self.sigma >= 0.0, "noise.sigma", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "mlp"
+    # Width d of the probe layer (the hidden layer of the head): where statistics and pruning live.
+    probe_width: int = 256
+    # mlp backbone width.
+    hidden_width: int = 256
+    # name=user: "package.module:callable", called as callable(input_shape, num_classes, probe_width)
+    # and returning a raypipe.models.ProbedModel.
+    factory: str | None = None
+    # A trained model to repair instead of running the `initial` route (a raypipe checkpoint).
+    checkpoint: str | None = None
+
+    def validate(self) -> None:
+        _check(self.name in MODELS, "model.name", f"unknown model '{self.name}'; use one of {list(MODELS)}")
+        _check(self.probe_width >= 2, "model.probe_width", "must be >= 2")
+        _check(self.hidden_width >= 1, "model.hidden_width", "must be >= 1")
+        _check(
+            (self.name == "user") == (self.factory is not None),
+            "model.factory",
+            "set model.factory=module:callable exactly when model.name=user",
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 40
+    optimizer: Literal["sgd", "adam"] = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 64
+
+    def validate(self, section: str = "train") -> None:
+        _check(self.epochs >= 1, f"{section}.epochs", "must be >= 1")
+        _check(self.lr > 0, f"{section}.lr", "must be > 0")
+        _check(self.batch_size >= 1, f"{section}.batch_size", "must be >= 1")
+        _check(self.weight_decay >= 0, f"{section}.weight_decay", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    # The per-sample vector the partition clusters. The paper's rule is grad_x_act_maxclass; it does
+    # not look at the label, so it cannot see label noise (METHOD.md); `loss` is the default here.
+    rule: str = "loss"
+    batch_size: int = 256
+
+    def validate(self) -> None:
+        _check(self.rule in RULES, "attribution.rule", f"unknown rule '{self.rule}'; use one of {list(RULES)}")
+        _check(self.batch_size >= 1, "attribution.batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    # A sample is clean when p_noisy < tau.
+    tau: float = 0.5
+    # The mixture is fitted on a uniform sample of at most this many rows, then scores every row.
+    max_fit_rows: int = 100_000
+    # Attribution vectors wider than this are reduced by PCA before the mixture (full covariance
+    # costs O(dims^2) per component and is ill-conditioned in high dimension).
+    max_features: int = 32
+    reg_covar: float = 1e-4
+    # Minimum share of the training set the clean side must keep to be fine-tuned on.
+    min_clean_fraction: float = 0.05
+
+    def validate(self) -> None:
+        _check(0.0 < self.tau <= 1.0, "partition.tau", "must be in (0, 1]")
+        _check(self.max_fit_rows >= 10, "partition.max_fit_rows", "must be >= 10")
+        _check(self.max_features >= 1, "partition.max_features", "must be >= 1")
+        _check(self.reg_covar > 0, "partition.reg_covar", "must be > 0")
+        _check(0.0 <= self.min_clean_fraction < 1.0, "partition.min_clean_fraction", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    # Share of probe neurons pruned (the paper: 40 of 256 = 0.156). 0 disables pruning.
+    fraction: float = 0.156
+    # Regression target: `p_noisy` (the posterior) or `indicator` (1 - is_clean).
+    target: Literal["p_noisy", "indicator"] = "p_noisy"
+
+    def validate(self) -> None:
+        _check(0.0 <= self.fraction < 1.0, "prune.fraction", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    # None: join a running cluster if RAY_ADDRESS is set, else start local Ray.
+    address: str | None = None
+    # Attribution actor pool; 0 = sized from the cluster.
+    max_actors: int = 0
+    # Ray Train data-parallel workers; 0 = sized from the cluster.
+    num_workers: int = 0
+    # Use GPUs when the cluster has them.
+    use_gpu: bool = True
+    # Ray Train retries of a failed worker group (resumes from the latest checkpoint).
+    max_failures: int = 2
+
+    def validate(self) -> None:
+        _check(self.max_actors >= 0, "ray.max_actors", "must be >= 0")
+        _check(self.num_workers >= 0, "ray.num_workers", "must be >= 0")
+        _check(self.max_failures >= 0, "ray.max_failures", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # The model to repair: trained to convergence on the noisy data, as a deployed model would be.
+    initial: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=60))
+    # Baseline: a fresh model on the clean part, same recipe as initial.
+    retrain: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=60))
+    # Repair routes: from the pruned model, on the clean part. l_ft trains the head only.
+    l_ft: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=1e-3))
+    f_ft: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=1e-4))
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> Config:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if isinstance(section, TrainConfig):
+                section.validate(f.name)
+            else:
+                section.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section(self, name: str) -> Any:
+        return getattr(self, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: dict -> dataclass with type checks.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
+    origin = get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
+    if origin is Literal:
+        choices = get_args(tp)
+        _check(value in choices, key, f"{value!r} is not one of {list(choices)}")
+        return value
+    if origin is list:
+        _check(isinstance(value, list), key, f"expected a list, got {value!r}")
+        (item_tp,) = get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        _check(ok, key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), key, f"expected a mapping of settings, got {value!r}")
+        return _build(tp, value, key)
+    raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    base = cls()  # unspecified fields keep the class's defaults; nested sections merge into them
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{full}'; known keys here: {sorted(hints)}")
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            value = {**dataclasses.asdict(getattr(base, key)), **value}
+        kwargs[key] = _coerce(value, hints[key], full)
+    return dataclasses.replace(base, **kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{dotted}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not key=value; write e.g. noise.rate=0.4")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- key=value overrides, validated."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file to --config")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections")
+        tree = loaded or {}
+    tree = _deep_merge(tree, parse_overrides(overrides or []))
+    return config_from_dict(tree)
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    return _build(Config, tree).validate()
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,158 @@
+"""The stage graph of one RLAP run, top to bottom, with skip / resume by manifest.
+
+    data -> initial -> attribution -> partition -> prune -> l_ft, f_ft   (the repair)
+                                      partition ----------> retrain      (the baseline)
+    every route -> report
+
+Each stage writes under ``<run>/<stage>/`` and finishes by writing ``_manifest.json`` holding the
+fingerprint of its settings and of its inputs' manifests. A rerun skips a stage whose manifest
+matches; a changed setting changes that stage's fingerprint and so every stage downstream of it;
+``from_stage`` forces a stage and everything after it. A stage that died half way left a
+``_pending.json`` with its fingerprint: a rerun with the same fingerprint keeps the shards it had
+finished (attribution resumes), any other fingerprint clears the stage first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+from raypipe import storage
+from raypipe.config import Config, dump_config
+from raypipe.errors import ConfigError
+from raypipe.models import load_model, model_signature, save_model
+from raypipe.stages import attribute, partition, prepare, prune
+from raypipe.stages.train import TrainRequest
+from raypipe.training import evaluate, resolve_device
+
+STAGES = ("data", "initial", "attribution", "partition", "prune", "l_ft", "f_ft", "retrain")
+PENDING = "_pending.json"
+
+
+class Pipeline:
+    def __init__(self, config: Config, run_uri: str, executor, from_stage: str | None = None, log=print):
+        if from_stage is not None and from_stage not in STAGES:
+            raise ConfigError(f"--from '{from_stage}' is not a stage; use one of {list(STAGES)}")
+        self.config = config
+        self.run_uri = run_uri
+        self.executor = executor
+        self.from_index = STAGES.index(from_stage) if from_stage else len(STAGES)
+        self.log = log
+        self.manifests: dict[str, dict[str, Any]] = {}
+        self.ran: list[str] = []  # stages computed (not skipped) in this invocation
+
+    def uri(self, stage: str) -> str:
+        return storage.join(self.run_uri, stage)
+
+    def stage(self, name: str, settings: Any, inputs: list[str], body: Callable[[str], dict[str, Any]]):
+        """Run `body(stage_uri) -> summary` unless a matching manifest says it is done."""
+        stage_uri = self.uri(name)
+        input_fps = {i: self.manifests[i]["fingerprint"] for i in inputs}
+        fp = storage.fingerprint({"settings": settings, "inputs": input_fps})
+        forced = STAGES.index(name) >= self.from_index
+        manifest = storage.read_manifest(stage_uri)
+        if manifest is not None and manifest.get("fingerprint") == fp and not forced:
+            self.log(f"[{name}] up to date, skipped")
+            self.manifests[name] = manifest
+            return manifest
+        pending_uri = storage.join(stage_uri, PENDING)
+        resumable = storage.exists(pending_uri) and storage.read_json(pending_uri).get("fingerprint") == fp
+        if not resumable or forced:
+            storage.remove_tree(stage_uri)
+        storage.write_json(pending_uri, {"fingerprint": fp})
+        start = time.perf_counter()
+        summary = body(stage_uri)
+        manifest = {
+            "stage": name,
+            "fingerprint": fp,
+            "settings": settings,
+            "inputs": input_fps,
+            "summary": summary,
+            "seconds": time.perf_counter() - start,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        storage.write_manifest(stage_uri, manifest)  # last: now the stage counts as finished
+        storage.remove_tree(pending_uri)
+        self.manifests[name] = manifest
+        self.ran.append(name)
+        self.log(f"[{name}] done in {manifest['seconds']:.1f} s")
+        return manifest
+
+
+def _settings(obj: Any) -> Any:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def run(config: Config, run_uri: str, executor=None, from_stage: str | None = None, log=print) -> dict[str, Any]:
+    """Run (or resume) the whole RLAP pipeline under `run_uri`; return the report."""
+    from raypipe.executor import LocalExecutor
+    from raypipe.report import write_report
+
+    executor = executor or LocalExecutor(log)
+    cfg = config
+    storage.makedirs(run_uri)
+    storage.write_bytes(storage.join(run_uri, "config.yaml"), dump_config(cfg).encode())
+    p = Pipeline(cfg, run_uri, executor, from_stage, log)
+    device = cfg.run.device
+
+    # 1. Data: source -> splits -> noise -> Parquet shards.
+    data = p.stage("data", {"data": _settings(cfg.data), "noise": _settings(cfg.noise)}, [],
+                   lambda uri: prepare.run(cfg, uri, log))["summary"]
+    shape, n_classes = tuple(data["sample_shape"]), data["num_classes"]
+    signature = model_signature(cfg.model, shape, n_classes)
+
+    def request(route: str, out_uri: str, init: str | None, partition_uri: str | None) -> TrainRequest:
+        return TrainRequest(route, cfg.section(route), p.uri("data"), out_uri, cfg.model, cfg.run.seed,
+                            partition_uri, init, device)
+
+    # 2. The model to repair: trained here to convergence on the noisy data, or given.
+    def initial_body(uri: str) -> dict[str, Any]:
+        if cfg.model.checkpoint is None:
+            return executor.train(request("initial", uri, None, None))
+        model, _, extra = load_model(cfg.model.checkpoint, expect=signature)
+        save_model(storage.join(uri, "model.pt"), model, signature, extra)
+        test = prepare.read_split(p.uri("data"), "test")
+        return {**evaluate(model, test.x, test.label, resolve_device("cpu")), "given": cfg.model.checkpoint}
+
+    initial_settings = {"model": _settings(cfg.model), "seed": cfg.run.seed,
+                        "train": _settings(cfg.initial) if cfg.model.checkpoint is None else None,
+                        "checkpoint_sha256": storage.file_digest(cfg.model.checkpoint) if cfg.model.checkpoint else None}
+    p.stage("initial", initial_settings, ["data"], initial_body)
+    initial_model = storage.join(p.uri("initial"), "model.pt")
+
+    # 3. Attribution, shard by shard (finished shards of an interrupted run are kept).
+    def attribution_body(uri: str) -> dict[str, Any]:
+        jobs = attribute.pending_shards(prepare.train_shards(p.uri("data")), uri)
+        log(f"[attribution] rule {cfg.attribution.rule}: {len(jobs)} of {data['n_shards']} shards to compute")
+        rows = executor.attribute(initial_model, jobs, cfg.attribution.rule, cfg.attribution.batch_size, device)
+        return {"rule": cfg.attribution.rule, "rows": data["rows"]["train"], "rows_computed": rows}
+
+    p.stage("attribution", {"rule": cfg.attribution.rule}, ["data", "initial"], attribution_body)
+
+    # 4. Partition: mixture on a uniform sample, p_noisy for every sample, the split.
+    p.stage("partition", {"partition": _settings(cfg.partition), "seed": cfg.run.seed}, ["attribution"],
+            lambda uri: partition.run(p.uri("attribution"), uri, cfg.partition, cfg.run.seed,
+                                      data["rows"]["train"], executor, log))
+
+    # 5. Sensitivity regression from per-shard sums, persistent pruning.
+    p.stage("prune", _settings(cfg.prune), ["initial", "attribution", "partition"],
+            lambda uri: prune.run(initial_model, p.uri("attribution"), p.uri("partition"), uri, cfg.prune,
+                                  executor, log))
+
+    # 6. Repair routes from the pruned model, and the retrain baseline, on the clean part.
+    pruned_model = storage.join(p.uri("prune"), "model.pt")
+    for route in ("l_ft", "f_ft", "retrain"):
+        if route not in cfg.run.routes:
+            continue
+        init = None if route == "retrain" else pruned_model
+        inputs = ["data", "partition"] + ([] if route == "retrain" else ["prune"])
+        settings = {"train": _settings(cfg.section(route)), "seed": cfg.run.seed}
+        if route == "retrain":
+            settings["model"] = _settings(cfg.model)
+        p.stage(route, settings, inputs,
+                lambda uri, r=route, i=init: executor.train(request(r, uri, i, p.uri("partition"))))
+
+    # 7. Report (always rewritten: it is cheap and reads only manifests and small files).
+    return write_report(run_uri, cfg, p.manifests, log)

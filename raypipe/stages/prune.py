@@ -1,0 +1,52 @@
+"""Stage `prune`: the sensitivity regression from per-shard sufficient statistics, then persistent
+pruning of the top prune.fraction probe neurons by |beta|.
+
+Each shard's statistics (X^T X etc., O(d^2)) are computed where the shard is read; only those small
+sums reach the driver, which merges and solves. Output: ``<run>/prune/model.pt`` and
+``neurons.json`` (beta, the pruned neurons in rank order).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from raypipe import storage
+from raypipe.config import PruneConfig
+from raypipe.models import load_model, save_model
+from raypipe.pruning import prune_neurons, pruned_mask
+from raypipe.sensitivity import SufficientStats, rank_neurons
+from raypipe.tables import columns_from_table
+
+
+def shard_stats(attribution_uri: str, partition_uri: str, target: str) -> dict[str, np.ndarray]:
+    probe = columns_from_table(storage.read_table(attribution_uri, columns=["sample_id", "probe"]))
+    part = columns_from_table(storage.read_table(partition_uri, columns=["sample_id", "p_noisy", "is_clean"]))
+    if not np.array_equal(probe["sample_id"], part["sample_id"]):
+        raise RuntimeError(f"shards '{attribution_uri}' and '{partition_uri}' do not hold the same samples")
+    y = part["p_noisy"] if target == "p_noisy" else (~part["is_clean"].astype(bool)).astype(np.float64)
+    return SufficientStats(probe["probe"].shape[1]).update(probe["probe"], y).to_dict()
+
+
+def run(
+    model_uri: str, attribution_uri: str, partition_uri: str, out_uri: str, cfg: PruneConfig, executor, log=print
+) -> dict[str, Any]:
+    model, signature, extra = load_model(model_uri)
+    shards = storage.list_files(attribution_uri, ".parquet")
+    jobs = [(uri, storage.join(partition_uri, uri.rsplit("/", 1)[-1])) for uri in shards]
+    parts = executor.map(lambda job: shard_stats(job[0], job[1], cfg.target), jobs, "sensitivity")
+    stats = SufficientStats(model.probe_width)
+    for part in parts:
+        stats.merge(SufficientStats.from_dict(part))
+    beta, intercept = stats.solve()
+    n_prune = int(round(cfg.fraction * model.probe_width))
+    neurons = rank_neurons(beta, n_prune, pruned_mask(model))
+    prune_neurons(model, neurons)
+    save_model(storage.join(out_uri, "model.pt"), model, signature, extra)
+    storage.write_json(
+        storage.join(out_uri, "neurons.json"),
+        {"pruned": neurons.tolist(), "beta": beta.tolist(), "intercept": intercept, "target": cfg.target},
+    )
+    log(f"[prune] {len(neurons)} of {model.probe_width} probe neurons pruned (regression on {cfg.target}, n={stats.n})")
+    return {"n_pruned": int(len(neurons)), "probe_width": model.probe_width, "n_rows": stats.n}
