@@ -93,7 +93,7 @@ def attribute_batch(
     `batch` holds sample_id [B], x [B, *shape], label [B] (and optionally true_label, is_corrupted,
     passed through for scoring only). The model must be in eval mode on `device`.
     """
-    x = torch.as_tensor(batch["x"], dtype=torch.float32, device=device)
+    x = torch.tensor(batch["x"], dtype=torch.float32, device=device)  # a copy: Arrow buffers are read-only
     y = torch.as_tensor(batch["label"], dtype=torch.long, device=device)
     h = _forward(model, x)  # [B, d] pre-ReLU probe activations, the backbone's only pass
     attribution = RULES[rule](model, h, y).detach()

@@ -1,6 +1,6 @@
 """`raypipe run` / `raypipe sweep`: log the config, build, run, clean up.
 
-    raypipe run --out runs/digits [--config jobs/configs/digits.yaml] [noise.rate=0.4 ...]
+raypipe run --out runs/digits [--config jobs/configs/digits.yaml] [noise.rate=0.4 ...]
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from raypipe.config import ModelConfig
@@ -75,7 +74,9 @@ def _mlp(input_shape: tuple[int, ...], hidden_width: int) -> tuple[nn.Module, in
 
 def _cnn_small(input_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
     if len(input_shape) != 3:
-        raise ConfigError(f"model 'cnn_small' needs image inputs (C, H, W), got shape {input_shape}; use model.name=mlp")
+        raise ConfigError(
+            f"model 'cnn_small' needs image inputs (C, H, W), got shape {input_shape}; use model.name=mlp"
+        )
     channels = input_shape[0]
     # [B, C, H, W] -> [B, 64, 4, 4] for 28x28, 32x32 (and 8x8) inputs alike, then flat 1024.
     backbone = nn.Sequential(
@@ -94,6 +95,8 @@ def _cnn_small(input_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
 def _resnet18_cifar(input_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
     if len(input_shape) != 3:
         raise ConfigError(f"model 'resnet18_cifar' needs image inputs (C, H, W), got shape {input_shape}")
+    import torchvision  # imported here: seconds of start-up that other models never need
+
     # The paper's CIFAR stem: 3x3 conv, stride 1, no max-pool; the classifier is our head.
     net = torchvision.models.resnet18(weights=None)
     net.conv1 = nn.Conv2d(input_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -152,18 +155,31 @@ def checkpoint_dict(model: ProbedModel, signature: dict[str, Any], extra: dict[s
     return {"signature": signature, "model_state": state, "extra": extra or {}}
 
 
-def load_checkpoint_dict(blob: dict, model: ProbedModel, signature: dict[str, Any], source: str) -> dict[str, Any]:
-    """Load `blob` (from torch.load(weights_only=True)) into `model`; return its `extra`."""
+SIGNATURE_KEYS = ("name", "probe_width", "input_shape", "num_classes", "hidden_width")
+
+
+def _saved_signature(blob: Any, source: str) -> dict[str, Any]:
     if not isinstance(blob, dict) or "model_state" not in blob or "signature" not in blob:
         raise CheckpointError(f"checkpoint '{source}' is not a raypipe checkpoint (no signature / model_state)")
     saved = blob["signature"]
-    for key in ("name", "probe_width", "input_shape", "num_classes", "hidden_width"):
+    if not isinstance(saved, dict) or any(key not in saved for key in SIGNATURE_KEYS):
+        raise CheckpointError(f"checkpoint '{source}' is not a raypipe checkpoint (malformed signature)")
+    return saved
+
+
+def _check_signature(saved: dict[str, Any], signature: dict[str, Any], source: str) -> None:
+    for key in SIGNATURE_KEYS:
         if saved.get(key) != signature.get(key):
             raise CheckpointError(
                 f"checkpoint '{source}' has {key}={saved.get(key)!r} but the config asks for {signature.get(key)!r}; "
                 f"set model.{key if key in ('name', 'probe_width', 'hidden_width') else 'name'} to match or use "
                 "another checkpoint"
             )
+
+
+def load_checkpoint_dict(blob: dict, model: ProbedModel, signature: dict[str, Any], source: str) -> dict[str, Any]:
+    """Load `blob` (from torch.load(weights_only=True)) into `model`; return its `extra`."""
+    _check_signature(_saved_signature(blob, source), signature, source)
     try:
         model.load_state_dict(blob["model_state"])
     except RuntimeError as e:
@@ -186,15 +202,21 @@ def load_model(uri: str, expect: dict[str, Any] | None = None) -> tuple[ProbedMo
     from raypipe import storage
 
     blob = storage.load_torch(uri)
-    if not isinstance(blob, dict) or "signature" not in blob:
-        raise CheckpointError(f"checkpoint '{uri}' is not a raypipe checkpoint (no signature / model_state)")
-    signature = blob["signature"]
+    signature = _saved_signature(blob, uri)
+    if expect is not None:  # refuse before building: the config, not the checkpoint, picks the code that runs
+        _check_signature(signature, expect, uri)
+    source = expect or signature
     cfg = ModelConfig(
-        name=signature["name"],
-        probe_width=signature["probe_width"],
-        hidden_width=signature["hidden_width"],
-        factory=signature.get("factory"),
+        name=source["name"],
+        probe_width=source["probe_width"],
+        hidden_width=source["hidden_width"],
+        factory=source.get("factory"),
     )
-    model = build_model(cfg, tuple(signature["input_shape"]), signature["num_classes"])
-    extra = load_checkpoint_dict(blob, model, expect or signature, uri)
+    try:
+        model = build_model(cfg, tuple(source["input_shape"]), source["num_classes"])
+    except (ConfigError, TypeError, ValueError) as e:
+        if expect is not None:
+            raise
+        raise CheckpointError(f"checkpoint '{uri}' describes a model that cannot be built: {e}") from None
+    extra = load_checkpoint_dict(blob, model, source, uri)
     return model, signature, extra

@@ -36,6 +36,23 @@ class MixtureFit:
     noisy_component: int
     component_mean_loss: list[float]
 
+    def describe(self) -> dict:
+        """JSON-able parameters (for the report and plots; never unpickled back)."""
+        out = {
+            "weights": self.mixture.weights_.tolist(),
+            "means": self.mixture.means_.tolist(),  # [2, m'] in the transformed space
+            "covariances": self.mixture.covariances_.tolist(),  # [2, m', m']
+            "noisy_component": self.noisy_component,
+            "component_mean_loss": self.component_mean_loss,
+            "converged": bool(self.mixture.converged_),
+            "pca": "pca" in self.transform.named_steps,
+        }
+        if not out["pca"]:  # the map back to raw attribution units: raw = z * scale + mean
+            scaler = self.transform.named_steps["scale"]
+            out["scale_mean"] = scaler.mean_.tolist()
+            out["scale_scale"] = scaler.scale_.tolist()
+        return out
+
     def p_noisy(self, attribution: np.ndarray) -> np.ndarray:
         """[N, m] attribution vectors -> [N] posterior probability of the noisy component."""
         z = self.transform.transform(np.asarray(attribution, dtype=np.float64))

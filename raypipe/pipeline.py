@@ -98,14 +98,16 @@ def run(config: Config, run_uri: str, executor=None, from_stage: str | None = No
     device = cfg.run.device
 
     # 1. Data: source -> splits -> noise -> Parquet shards.
-    data = p.stage("data", {"data": _settings(cfg.data), "noise": _settings(cfg.noise)}, [],
-                   lambda uri: prepare.run(cfg, uri, log))["summary"]
+    data = p.stage(
+        "data", {"data": _settings(cfg.data), "noise": _settings(cfg.noise)}, [], lambda uri: prepare.run(cfg, uri, log)
+    )["summary"]
     shape, n_classes = tuple(data["sample_shape"]), data["num_classes"]
     signature = model_signature(cfg.model, shape, n_classes)
 
     def request(route: str, out_uri: str, init: str | None, partition_uri: str | None) -> TrainRequest:
-        return TrainRequest(route, cfg.section(route), p.uri("data"), out_uri, cfg.model, cfg.run.seed,
-                            partition_uri, init, device)
+        return TrainRequest(
+            route, cfg.section(route), p.uri("data"), out_uri, cfg.model, cfg.run.seed, partition_uri, init, device
+        )
 
     # 2. The model to repair: trained here to convergence on the noisy data, or given.
     def initial_body(uri: str) -> dict[str, Any]:
@@ -116,9 +118,12 @@ def run(config: Config, run_uri: str, executor=None, from_stage: str | None = No
         test = prepare.read_split(p.uri("data"), "test")
         return {**evaluate(model, test.x, test.label, resolve_device("cpu")), "given": cfg.model.checkpoint}
 
-    initial_settings = {"model": _settings(cfg.model), "seed": cfg.run.seed,
-                        "train": _settings(cfg.initial) if cfg.model.checkpoint is None else None,
-                        "checkpoint_sha256": storage.file_digest(cfg.model.checkpoint) if cfg.model.checkpoint else None}
+    initial_settings = {
+        "model": _settings(cfg.model),
+        "seed": cfg.run.seed,
+        "train": _settings(cfg.initial) if cfg.model.checkpoint is None else None,
+        "checkpoint_sha256": storage.file_digest(cfg.model.checkpoint) if cfg.model.checkpoint else None,
+    }
     p.stage("initial", initial_settings, ["data"], initial_body)
     initial_model = storage.join(p.uri("initial"), "model.pt")
 
@@ -132,14 +137,22 @@ def run(config: Config, run_uri: str, executor=None, from_stage: str | None = No
     p.stage("attribution", {"rule": cfg.attribution.rule}, ["data", "initial"], attribution_body)
 
     # 4. Partition: mixture on a uniform sample, p_noisy for every sample, the split.
-    p.stage("partition", {"partition": _settings(cfg.partition), "seed": cfg.run.seed}, ["attribution"],
-            lambda uri: partition.run(p.uri("attribution"), uri, cfg.partition, cfg.run.seed,
-                                      data["rows"]["train"], executor, log))
+    p.stage(
+        "partition",
+        {"partition": _settings(cfg.partition), "seed": cfg.run.seed},
+        ["attribution"],
+        lambda uri: partition.run(
+            p.uri("attribution"), uri, cfg.partition, cfg.run.seed, data["rows"]["train"], executor, log
+        ),
+    )
 
     # 5. Sensitivity regression from per-shard sums, persistent pruning.
-    p.stage("prune", _settings(cfg.prune), ["initial", "attribution", "partition"],
-            lambda uri: prune.run(initial_model, p.uri("attribution"), p.uri("partition"), uri, cfg.prune,
-                                  executor, log))
+    p.stage(
+        "prune",
+        _settings(cfg.prune),
+        ["initial", "attribution", "partition"],
+        lambda uri: prune.run(initial_model, p.uri("attribution"), p.uri("partition"), uri, cfg.prune, executor, log),
+    )
 
     # 6. Repair routes from the pruned model, and the retrain baseline, on the clean part.
     pruned_model = storage.join(p.uri("prune"), "model.pt")
@@ -151,8 +164,9 @@ def run(config: Config, run_uri: str, executor=None, from_stage: str | None = No
         settings = {"train": _settings(cfg.section(route)), "seed": cfg.run.seed}
         if route == "retrain":
             settings["model"] = _settings(cfg.model)
-        p.stage(route, settings, inputs,
-                lambda uri, r=route, i=init: executor.train(request(r, uri, i, p.uri("partition"))))
+        p.stage(
+            route, settings, inputs, lambda uri, r=route, i=init: executor.train(request(r, uri, i, p.uri("partition")))
+        )
 
     # 7. Report (always rewritten: it is cheap and reads only manifests and small files).
     return write_report(run_uri, cfg, p.manifests, log)

@@ -57,8 +57,13 @@ class SufficientStats:
         return beta, float(mean_y - mean_x @ beta)
 
     def to_dict(self) -> dict[str, np.ndarray]:
-        return {"n": np.array([self.n]), "sum_x": self.sum_x, "sum_y": np.array([self.sum_y]),
-                "xtx": self.xtx, "xty": self.xty}
+        return {
+            "n": np.array([self.n]),
+            "sum_x": self.sum_x,
+            "sum_y": np.array([self.sum_y]),
+            "xtx": self.xtx,
+            "xty": self.xty,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, np.ndarray]) -> SufficientStats:

@@ -85,7 +85,7 @@ def predict_logits(model: torch.nn.Module, x: np.ndarray, batch_size: int, devic
     model.eval()
     out = []
     for start in range(0, len(x), batch_size):
-        xb = torch.as_tensor(x[start : start + batch_size], dtype=torch.float32, device=device)
+        xb = torch.tensor(x[start : start + batch_size], dtype=torch.float32, device=device)  # copy: may be read-only
         out.append(model(xb).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
 
@@ -138,7 +138,9 @@ def fit(
     result = TrainResult()
     for epoch in range(cfg.epochs):
         start = time.perf_counter()
-        metrics = train_epoch(model, tensor_batches(x_t, y_t, cfg.batch_size, True, generator), optimizer, route, device)
+        metrics = train_epoch(
+            model, tensor_batches(x_t, y_t, cfg.batch_size, True, generator), optimizer, route, device
+        )
         elapsed = time.perf_counter() - start
         result.epochs += 1
         result.seconds_total += elapsed

@@ -69,15 +69,13 @@ def run(attribution_uri: str, out_uri: str, cfg: PartitionConfig, seed: int, n_r
         "p_noisy": cols["p_noisy"][order],
     }
     storage.write_table(storage.join(out_uri, "label_issues.parquet"), table_from_columns(issues))
+    storage.write_json(storage.join(out_uri, "mixture.json"), mixture.describe())
     summary: dict[str, Any] = {
         "n_clean": int(is_clean.sum()),
         "n_noisy": int((~is_clean).sum()),
         "tau": cfg.tau,
         "mixture": {
-            "weights": [float(w) for w in mixture.mixture.weights_],
-            "noisy_component": mixture.noisy_component,
-            "component_mean_loss": mixture.component_mean_loss,
-            "converged": bool(mixture.mixture.converged_),
+            k: v for k, v in mixture.describe().items() if k in ("weights", "noisy_component", "component_mean_loss")
         },
     }
     if "is_corrupted" in cols:

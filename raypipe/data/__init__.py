@@ -1,0 +1,20 @@
+"""Data: sources with stable sample ids, noise injection with its ground truth, Parquet handover.
+
+No Ray here: these are plain numpy / pyarrow functions that the local executor and the Ray stages
+both call.
+"""
+
+from raypipe.data.handover import batch_from_table, samples_from_table, table_from_samples
+from raypipe.data.noise import ASYMMETRIC_PAIRS, apply_noise
+from raypipe.data.samples import SampleSet
+from raypipe.data.sources import load_splits
+
+__all__ = [
+    "ASYMMETRIC_PAIRS",
+    "SampleSet",
+    "apply_noise",
+    "batch_from_table",
+    "load_splits",
+    "samples_from_table",
+    "table_from_samples",
+]

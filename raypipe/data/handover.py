@@ -1,0 +1,82 @@
+"""SampleSet <-> Arrow table, the form in which stages hand samples to each other (as Parquet).
+
+The table is columnar and flat (x as fixed_size_list<float32>[prod(sample_shape)]) so Parquet,
+Ray Data and pyarrow all carry it without extension types. The sample shape and class count ride
+in the schema metadata; batches sliced out by Ray Data may lose that metadata, which is why
+`batch_from_table` takes the shape explicitly. All conversions are column-wise: no per-row loop.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+
+from raypipe.data.samples import BATCH_KEYS, SampleSet
+from raypipe.errors import DataError
+
+SHAPE_KEY = b"sample_shape"
+CLASSES_KEY = b"num_classes"
+
+
+def table_from_samples(s: SampleSet) -> pa.Table:
+    """Columns sample_id int64, x fixed_size_list<float32>[D], label, true_label int64, is_corrupted bool."""
+    n, width = len(s), int(np.prod(s.sample_shape, dtype=np.int64))
+    flat = np.ascontiguousarray(s.x, dtype=np.float32).reshape(n * width)  # [N * D]
+    x = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float32()), width)
+    schema = pa.schema(
+        [
+            ("sample_id", pa.int64()),
+            ("x", pa.list_(pa.float32(), width)),
+            ("label", pa.int64()),
+            ("true_label", pa.int64()),
+            ("is_corrupted", pa.bool_()),
+        ],
+        metadata={SHAPE_KEY: json.dumps(list(s.sample_shape)).encode(), CLASSES_KEY: str(s.num_classes).encode()},
+    )
+    columns = [
+        pa.array(np.asarray(s.sample_id, dtype=np.int64)),
+        x,
+        pa.array(np.asarray(s.label, dtype=np.int64)),
+        pa.array(np.asarray(s.true_label, dtype=np.int64)),
+        pa.array(np.asarray(s.is_corrupted, dtype=bool)),
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _column_numpy(t: pa.Table, name: str, dtype: type) -> np.ndarray:
+    return np.asarray(t.column(name).to_numpy(), dtype=dtype)
+
+
+def batch_from_table(t: pa.Table, sample_shape) -> dict[str, np.ndarray]:
+    """Any slice of a `table_from_samples` table -> the batch dict (x float32 [B, *sample_shape])."""
+    missing = [k for k in BATCH_KEYS if k not in t.column_names]
+    if missing:
+        raise DataError(f"sample table lacks column(s) {missing}; it was not written by table_from_samples")
+    shape = tuple(int(d) for d in sample_shape)
+    x_col = t.column("x").combine_chunks()  # one (fixed-size) list array; may carry a slice offset
+    if not (
+        pa.types.is_fixed_size_list(x_col.type) or pa.types.is_list(x_col.type) or pa.types.is_large_list(x_col.type)
+    ):
+        raise DataError(f"sample table column 'x' has type {x_col.type}, expected a list of float32")
+    values = x_col.flatten().to_numpy(zero_copy_only=False)  # [B * D], honours the slice offset
+    return {
+        "sample_id": _column_numpy(t, "sample_id", np.int64),
+        "x": values.astype(np.float32, copy=False).reshape(t.num_rows, *shape),
+        "label": _column_numpy(t, "label", np.int64),
+        "true_label": _column_numpy(t, "true_label", np.int64),
+        "is_corrupted": _column_numpy(t, "is_corrupted", bool),
+    }
+
+
+def samples_from_table(t: pa.Table) -> SampleSet:
+    """Inverse of table_from_samples, shape and class count read from the schema metadata."""
+    metadata = t.schema.metadata or {}
+    if SHAPE_KEY not in metadata or CLASSES_KEY not in metadata:
+        raise DataError(
+            "sample table has no sample_shape / num_classes metadata; use batch_from_table(table, sample_shape)"
+        )
+    shape = json.loads(metadata[SHAPE_KEY])
+    batch = batch_from_table(t, shape)
+    return SampleSet(**batch, num_classes=int(metadata[CLASSES_KEY]))

@@ -1,0 +1,202 @@
+"""Ray Train for every route: the same `train_epoch` as in-process, data-parallel over workers.
+
+Each worker reads its shard of the training set through Ray Data (`get_dataset_shard`), trains a
+DistributedDataParallel copy (gloo on CPU, nccl on GPU, chosen by Ray Train), and reports every
+epoch with a checkpoint (rank 0 writes it). On a worker failure Ray Train restarts the group
+(`FailureConfig(max_failures)`) and the loop resumes from the latest checkpoint, so at most the
+epoch in flight is redone. At the end rank 0 publishes ``model.pt`` under the route's directory;
+the driver evaluates it on the clean test split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from raypipe import storage
+from raypipe.config import ModelConfig, TrainConfig
+from raypipe.data import batch_from_table
+from raypipe.distributed.resources import Plan
+from raypipe.models import save_model
+from raypipe.stages.prepare import read_split, train_shards
+from raypipe.stages.train import TrainRequest, clean_ids, starting_model
+from raypipe.training import (
+    evaluate,
+    make_optimizer,
+    resolve_device,
+    tensor_batches,
+    train_epoch,
+    trainable_parameters,
+)
+
+CKPT_FILE = "state.pt"
+
+
+def _request_from_dict(d: dict[str, Any]) -> TrainRequest:
+    return TrainRequest(**{**d, "train": TrainConfig(**d["train"]), "model": ModelConfig(**d["model"])})
+
+
+def _keep_ids(table: pa.Table, ids: np.ndarray) -> pa.Table:
+    return table.filter(pc.is_in(table["sample_id"], value_set=pa.array(ids)))
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    request = _request_from_dict(loop_config["request"])
+    shape, num_classes = tuple(loop_config["sample_shape"]), loop_config["num_classes"]
+    torch.set_num_threads(max(1, int(loop_config["cpus_per_worker"])))
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+
+    model, signature = starting_model(request, shape, num_classes)
+    params = trainable_parameters(model, request.route)  # before DDP wraps it: freezes the l_ft backbone
+    model = ray.train.torch.prepare_model(model)
+    optimizer = make_optimizer(params, request.train)
+
+    start_epoch, seconds_train = 0, 0.0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a restarted worker group: resume after the last finished epoch
+        with checkpoint.as_directory() as ckpt_dir:
+            state = torch.load(os.path.join(ckpt_dir, CKPT_FILE), map_location="cpu", weights_only=True)
+        _unwrap(model).load_state_dict(state["model_state"])
+        optimizer.load_state_dict(state["optimizer_state"])
+        start_epoch, seconds_train = state["epoch"], state["seconds_train"]
+
+    shard = ray.train.get_dataset_shard("train")
+    batches_of_epoch = _epoch_batches(shard, shape, request, loop_config["cache_bytes"])
+    for epoch in range(start_epoch, request.train.epochs):
+        start = time.perf_counter()
+        batches = batches_of_epoch(epoch)
+        metrics = train_epoch(model, batches, optimizer, request.route, device)
+        elapsed = time.perf_counter() - start
+        seconds_train += elapsed
+        metrics = {**metrics, "epoch": epoch + 1, "seconds": elapsed, "seconds_train": seconds_train}
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                state = {
+                    "model_state": _unwrap(model).state_dict(),
+                    "optimizer_state": optimizer.state_dict(),
+                    "epoch": epoch + 1,
+                    "seconds_train": seconds_train,
+                }
+                torch.save(state, os.path.join(tmp, CKPT_FILE))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report(metrics)
+    if rank == 0:
+        save_model(storage.join(request.out_uri, "model.pt"), _unwrap(model).cpu(), signature)
+
+
+def _epoch_batches(shard, shape, request: TrainRequest, cache_bytes: int):
+    """-> epoch -> iterator of (x [B, *shape], y [B]) tensors for this worker.
+
+    The first epoch streams the shard from Ray Data; if the shard is at most `cache_bytes`, it is
+    kept as tensors and later epochs reshuffle it in memory (seeded by epoch).
+    """
+    batch_size = request.train.batch_size
+    cache: dict[str, torch.Tensor] = {}
+
+    def stream(epoch: int):
+        for table in shard.iter_batches(
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            local_shuffle_buffer_size=max(4 * batch_size, 1024),
+            local_shuffle_seed=request.seed + epoch,
+        ):
+            b = batch_from_table(table, shape)
+            yield torch.as_tensor(b["x"]), torch.as_tensor(b["label"])
+
+    def first_pass(epoch: int):
+        xs, ys, size = [], [], 0
+        for x, y in stream(epoch):
+            size += x.numel() * x.element_size()
+            if size <= cache_bytes:
+                xs.append(x)
+                ys.append(y)
+            yield x, y
+        if size <= cache_bytes and xs:
+            cache["x"], cache["y"] = torch.cat(xs), torch.cat(ys)
+
+    def batches(epoch: int):
+        if "x" in cache:
+            generator = torch.Generator().manual_seed(request.seed + epoch)
+            return tensor_batches(cache["x"], cache["y"], batch_size, True, generator)
+        return first_pass(epoch)
+
+    return batches
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def train_on_ray(
+    request: TrainRequest, plan: Plan, data_summary: dict[str, Any], max_failures: int, cache_mb: int, log=print
+) -> dict[str, Any]:
+    """Run `request` on a TorchTrainer; return the same metrics as `train_local`."""
+    from raypipe.models import load_model
+
+    start = time.perf_counter()
+    dataset = ray.data.read_parquet(train_shards(request.data_uri), shuffle=None)
+    n_train = data_summary["rows"]["train"]
+    if request.route != "initial":
+        ids = clean_ids(request.partition_uri)  # [n_clean] int64: 8 bytes a sample, shipped once per task
+        n_train = len(ids)
+        dataset = dataset.map_batches(_keep_ids, fn_args=(ids,), batch_format="pyarrow")
+    storage_path = storage.join(request.out_uri, "ray_train")
+    if not storage.is_remote(storage_path):
+        storage_path = os.path.abspath(storage_path)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "request": dataclasses.asdict(request),
+            "sample_shape": data_summary["sample_shape"],
+            "num_classes": data_summary["num_classes"],
+            "cpus_per_worker": plan.cpus_per_worker,
+            "cache_bytes": cache_mb * 2**20,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=plan.num_workers,
+            use_gpu=plan.use_gpu,
+            resources_per_worker={"CPU": plan.cpus_per_worker, **({"GPU": 1.0} if plan.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=request.route,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": dataset},
+    )
+    log(
+        f"[{request.route}] Ray Train: {plan.num_workers} workers x {plan.cpus_per_worker:g} CPU"
+        + (" + 1 GPU" if plan.use_gpu else "")
+        + f", {request.train.epochs} epochs on {n_train} samples"
+    )
+    result = trainer.fit()
+    last = result.metrics or {}
+    model, _, _ = load_model(storage.join(request.out_uri, "model.pt"))
+    test = read_split(request.data_uri, "test")
+    metrics = evaluate(model, test.x, test.label, resolve_device("cpu"))
+    epochs = int(last.get("epoch", request.train.epochs))
+    return {
+        **metrics,
+        "seconds_per_epoch": float(last.get("seconds_train", 0.0)) / max(epochs, 1),
+        "seconds_train": float(last.get("seconds_train", 0.0)),
+        "seconds_total": time.perf_counter() - start,
+        "epochs": epochs,
+        "n_train": int(n_train),
+        "train_accuracy_given_labels": float(last.get("train_accuracy", float("nan"))),
+        "num_workers": plan.num_workers,
+    }

@@ -1,0 +1,299 @@
+"""PNG plots of a finished run, written beside report.md under ``<run>/plots/``.
+
+- ``plots/p_noisy.png``: histogram of the posterior p_noisy of every training sample, stacked by
+  ground truth (clean / corrupted) when the experiment has it, with the threshold tau;
+- ``plots/mixture.png``: for a 1-D attribution (e.g. rule ``loss``), the histogram of the raw
+  attribution values with the two fitted Gaussian components mapped back to raw units; skipped
+  when the mixture was fitted on a multi-dimensional (or PCA-reduced) attribution;
+- ``plots/routes.png``: test accuracy and whole wall time per route.
+
+Every plot is rendered with a bare ``matplotlib.figure.Figure`` (no pyplot: no global figure
+registry that could grow, no backend switch in the caller's process) into memory and written
+through :mod:`raypipe.storage`, so s3:// and gs:// run URIs work. A plot that fails is logged in
+one line and left out; it never fails the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from raypipe import storage
+from raypipe.report import REPAIR_OVERHEAD, ROUTE_ORDER, ROUTE_TITLES
+from raypipe.tables import column_from_arrow
+
+DPI = 110
+MAX_MIXTURE_ROWS = 50_000  # rows of attribution read back for the mixture histogram (uniform sample)
+CLEAN_COLOR = "tab:blue"
+CORRUPTED_COLOR = "tab:red"
+ROUTE_COLORS = {"initial": "tab:gray", "l_ft": "tab:blue", "f_ft": "tab:green", "retrain": "tab:orange"}
+
+
+def write_plots(run_uri: str, report: dict[str, Any], log: Callable[[str], Any] = print) -> list[str]:
+    """Write every plot that applies under ``<run_uri>/plots``; return their names relative to run_uri."""
+    written: list[str] = []
+    for name, make in (
+        ("plots/p_noisy.png", _p_noisy_figure),
+        ("plots/mixture.png", _mixture_figure),
+        ("plots/routes.png", _routes_figure),
+    ):
+        uri = storage.join(run_uri, name)
+        try:
+            fig = make(run_uri, report)
+            if fig is None:  # does not apply to this run
+                _remove_stale(uri)
+                continue
+            _save(fig, uri)
+            written.append(name)
+        except Exception as e:  # a plot is never worth failing a run for
+            message = str(e).splitlines()[0] if str(e) else ""
+            log(f"[plots] warning: {name} not written: {type(e).__name__}: {message}")
+            _remove_stale(uri)
+    return written
+
+
+def _save(fig, uri: str) -> None:
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=DPI)
+    finally:
+        fig.clear()  # release artists at once; the Figure is not registered anywhere (no pyplot)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def _remove_stale(uri: str) -> None:
+    """A plot of an earlier run in this directory must not be mistaken for this run's."""
+    with contextlib.suppress(Exception):  # best effort only
+        storage.remove_tree(uri)
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+# ---------------------------------------------------------------------------------------------
+# p_noisy
+
+
+def _p_noisy_figure(run_uri: str, report: dict[str, Any]):
+    from raypipe.stages.partition import read_partition
+
+    table = read_partition(storage.join(run_uri, "partition"), columns=["p_noisy"])
+    p_noisy = column_from_arrow(table.column("p_noisy")).astype(np.float64)
+    tau = float(report["partition"]["tau"])
+    bins = np.linspace(0.0, 1.0, 51)
+
+    fig = _new_figure(8.0, 5.2)
+    ax = fig.add_subplot()
+    if "is_corrupted" in table.column_names:
+        corrupted = column_from_arrow(table.column("is_corrupted")).astype(bool)
+        groups = [p_noisy[~corrupted], p_noisy[corrupted]]
+        labels = [f"clean (truth, n={len(groups[0]):,})", f"corrupted (truth, n={len(groups[1]):,})"]
+        counts, _, _ = ax.hist(
+            groups, bins=bins, stacked=True, color=[CLEAN_COLOR, CORRUPTED_COLOR], label=labels, alpha=0.85
+        )
+        totals = np.asarray(counts)[-1]  # stacked: the last layer is the total per bin
+    else:
+        totals, _, _ = ax.hist(p_noisy, bins=bins, color="tab:purple", alpha=0.85, label=f"all (n={len(p_noisy):,})")
+    n_flagged = int((p_noisy >= tau).sum())
+    ax.axvline(tau, color="black", linestyle="--", linewidth=1.5, label=f"tau = {tau:g} ({n_flagged:,} flagged noisy)")
+    nonzero = np.asarray(totals)[np.asarray(totals) > 0]
+    if len(nonzero) and nonzero.max() > 20 * np.median(nonzero):  # a few huge bins at 0 and 1 hide the middle
+        ax.set_yscale("log")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("p_noisy (posterior of the noisy mixture component)")
+    ax.set_ylabel("training samples" + (" (log scale)" if ax.get_yscale() == "log" else ""))
+    title = f"p_noisy of {len(p_noisy):,} training samples"
+    det = report.get("detection")
+    if det:
+        title += f"\ndetection vs truth: F1 {det['f1']:.3f}, AUROC {det['auroc']:.3f}"
+        title += f" (precision {det['precision']:.3f}, recall {det['recall']:.3f})"
+    ax.set_title(title)
+    fig.legend(loc="outside lower center", ncols=3, fontsize=9)  # outside: never hides a bar
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# mixture (1-D attribution only)
+
+
+def _read_attribution_sample(run_uri: str, n_rows_hint: int | None, seed: int = 0):
+    """A uniform sample of at most MAX_MIXTURE_ROWS (attribution value, is_corrupted or None) rows."""
+    shards = storage.list_files(storage.join(run_uri, "attribution"), ".parquet")
+    if not shards:
+        raise FileNotFoundError(f"no attribution shards under {storage.join(run_uri, 'attribution')}")
+    keep = 1.0 if not n_rows_hint else min(1.0, 1.2 * MAX_MIXTURE_ROWS / n_rows_hint)
+    rng = np.random.default_rng(seed)
+    values, truth = [], []
+    has_truth = True
+    for uri in shards:
+        try:
+            table = storage.read_table(uri, columns=["attribution", "is_corrupted"])
+        except Exception:  # no ground truth in this run
+            table = storage.read_table(uri, columns=["attribution"])
+        has_truth = has_truth and "is_corrupted" in table.column_names
+        rows = rng.random(table.num_rows) < keep if keep < 1.0 else slice(None)
+        values.append(column_from_arrow(table.column("attribution")).reshape(table.num_rows, -1)[rows, 0])
+        if has_truth:
+            truth.append(column_from_arrow(table.column("is_corrupted")).astype(bool)[rows])
+    x = np.concatenate(values).astype(np.float64)
+    y = np.concatenate(truth) if has_truth else None
+    if len(x) > MAX_MIXTURE_ROWS:
+        pick = np.sort(rng.choice(len(x), size=MAX_MIXTURE_ROWS, replace=False))
+        x, y = x[pick], (y[pick] if y is not None else None)
+    return x, y
+
+
+def _mixture_figure(run_uri: str, report: dict[str, Any]):
+    mixture = json.loads(storage.read_bytes(storage.join(run_uri, "partition", "mixture.json")))
+    if mixture.get("pca", True) or len(mixture["means"][0]) != 1:
+        return None  # multi-dimensional attribution: no 1-D picture of the fit
+    n_rows = report.get("data", {}).get("rows", {}).get("train")
+    x, corrupted = _read_attribution_sample(run_uri, n_rows)
+    finite = np.isfinite(x)
+    x, corrupted = x[finite], (corrupted[finite] if corrupted is not None else None)
+
+    # Components in raw units: raw = z * scale + mean.
+    scale, shift = float(mixture["scale_scale"][0]), float(mixture["scale_mean"][0])
+    weights = np.asarray(mixture["weights"], dtype=np.float64)
+    means = np.asarray(mixture["means"], dtype=np.float64)[:, 0] * scale + shift
+    sds = np.sqrt(np.asarray(mixture["covariances"], dtype=np.float64)[:, 0, 0]) * scale
+    noisy = int(mixture["noisy_component"])
+
+    lo, hi = np.quantile(x, [0.0, 0.995]) if len(x) else (0.0, 1.0)
+    lo, hi = min(lo, *(means - 3 * sds)), max(hi, means[1 - noisy] + 3 * sds[1 - noisy])
+    lo = max(lo, float(x.min())) if len(x) else lo  # no empty stretch left of the data
+    if hi <= lo:
+        hi = lo + 1.0
+    bins = np.linspace(lo, hi, 61)
+    clipped = int((x > hi).sum())
+
+    fig = _new_figure(8.0, 5.2)
+    ax = fig.add_subplot()
+    shown = np.clip(x, lo, hi)  # the far tail goes into the last bin (said in the legend)
+    if corrupted is not None:
+        # stacked + density: the stack integrates to 1, comparable with the weighted components
+        ax.hist(
+            [shown[~corrupted], shown[corrupted]],
+            bins=bins,
+            stacked=True,
+            density=True,
+            color=[CLEAN_COLOR, CORRUPTED_COLOR],
+            alpha=0.45,
+            label=["clean samples (truth)", "corrupted samples (truth)"],
+        )
+    else:
+        ax.hist(shown, bins=bins, density=True, color="tab:purple", alpha=0.45, label="all samples")
+
+    grid = np.linspace(lo, hi, 600)
+    dens = np.stack([w * _normal_pdf(grid, m, s) for w, m, s in zip(weights, means, sds, strict=True)])
+    for k in range(2):
+        role = "noisy" if k == noisy else "clean"
+        ax.plot(
+            grid,
+            dens[k],
+            color=CORRUPTED_COLOR if k == noisy else CLEAN_COLOR,
+            linewidth=2.2,
+            label=f"{role} component (w={weights[k]:.2f}, mean={means[k]:.3g}, sd={sds[k]:.3g})",
+        )
+    ax.plot(grid, dens.sum(axis=0), color="black", linewidth=1.0, linestyle=":", label="mixture total")
+
+    # Where the split happens in raw units: p_noisy(x) = tau.
+    tau = float(report["partition"]["tau"])
+    p = dens[noisy] / np.maximum(dens.sum(axis=0), 1e-300)
+    crossings = np.flatnonzero(np.diff(np.sign(p - tau)) != 0)
+    for i, c in enumerate(crossings):
+        ax.axvline(
+            grid[c], color="black", linestyle="--", linewidth=1.2, label=f"p_noisy = tau = {tau:g}" if i == 0 else None
+        )
+
+    rule = report.get("attribution", {}).get("rule", "?")
+    ax.set_xlim(lo, hi)
+    ax.set_xlabel(
+        f"attribution value (rule '{rule}', raw units)" + (f"; {clipped:,} beyond in last bin" if clipped else "")
+    )
+    ax.set_ylabel("density")
+    ax.set_title(f"2-component Gaussian mixture on the 1-D attribution\n({len(x):,} training samples shown)")
+    n_entries = len(ax.get_legend_handles_labels()[1])
+    fig.legend(loc="outside lower center", ncols=3 if n_entries % 3 == 0 else 2, fontsize=8)  # columns pair up
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def _normal_pdf(x: np.ndarray, mean: float, sd: float) -> np.ndarray:
+    sd = max(sd, 1e-12)
+    return np.exp(-0.5 * ((x - mean) / sd) ** 2) / (sd * np.sqrt(2 * np.pi))
+
+
+# ---------------------------------------------------------------------------------------------
+# routes
+
+
+def _routes_figure(run_uri: str, report: dict[str, Any]):
+    routes = report.get("routes", {})
+    names = [r for r in ROUTE_ORDER if r in routes]
+    if not names:
+        return None
+    fig = _new_figure(10.5, 4.4)
+    ax_acc, ax_sec = fig.subplots(1, 2)
+    xs = np.arange(len(names))
+    titles = [ROUTE_TITLES[r] for r in names]
+    colors = [ROUTE_COLORS[r] for r in names]
+
+    acc = np.array([_number(routes[r].get("accuracy")) for r in names])
+    bars = ax_acc.bar(xs, np.nan_to_num(acc), color=colors, width=0.6)
+    ax_acc.bar_label(bars, labels=[f"{a:.4f}" if np.isfinite(a) else "n/a" for a in acc], padding=3)
+    ax_acc.set_ylim(0.0, 1.1)
+    ax_acc.set_ylabel("accuracy (clean test split)")
+    ax_acc.set_title("Test accuracy per route")
+    ax_acc.set_xticks(xs, titles)
+    ax_acc.grid(axis="y", alpha=0.3)
+
+    total = np.array([_number(routes[r].get("seconds_total")) for r in names])
+    stages = report.get("stages_seconds", {})
+    overhead = sum(_number(stages.get(s)) for s in REPAIR_OVERHEAD if s in stages)
+    is_repair = np.array([r in ("l_ft", "f_ft") for r in names])
+    over = np.minimum(np.where(is_repair, overhead, 0.0), np.nan_to_num(total))  # part of the repair routes' total
+    own = np.nan_to_num(total) - over
+    ax_sec.bar(xs, own, color=colors, width=0.6)
+    if over.any():
+        from matplotlib.patches import Patch
+
+        shared = dict(facecolor="white", edgecolor="black", hatch="//")
+        ax_sec.bar(xs[is_repair], over[is_repair], bottom=own[is_repair], width=0.6, **shared)
+        handles = [
+            Patch(facecolor="lightgray", edgecolor="gray", label="the route's own training stage"),
+            Patch(**shared, label="attribution + partition + prune (repair routes)"),
+        ]
+        fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=9)
+    for x, t in zip(xs, total, strict=True):
+        ax_sec.annotate(
+            f"{t:.2f} s" if np.isfinite(t) else "n/a",
+            (x, np.nan_to_num(t)),
+            xytext=(0, 3),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+        )
+    top = np.nanmax(total, initial=0.0) if np.isfinite(total).any() else 1.0
+    ax_sec.set_ylim(0.0, max(top, 1e-3) * 1.15)
+    ax_sec.set_ylabel("seconds (whole wall time)")
+    ax_sec.set_title("Total seconds per route")
+    ax_sec.set_xticks(xs, titles)
+    ax_sec.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value) if value is not None else float("nan")
+    except (TypeError, ValueError):
+        return float("nan")

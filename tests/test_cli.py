@@ -1,0 +1,77 @@
+"""The CLI turns every user error into one `error:` line and exit status 2, leaving no finished stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from raypipe.cli import main
+
+
+def _no_results(out: Path) -> None:
+    assert not (out / "report.json").exists()
+    if out.exists():
+        assert list(out.rglob("_manifest.json")) == []
+        assert list(out.rglob("report.json")) == []
+
+
+def _fails_with_one_error_line(capsys, argv: list[str], *needles: str) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip("\n").split("\n")
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "overrides,needles",
+    [
+        (["noise.rat=0.1"], ["'noise.rat'"]),
+        (["noise.rate=1.5"], ["'noise.rate'"]),
+        (["model.name=nope"], ["'model.name'", "nope"]),
+        (["initial.epochs=abc"], ["'initial.epochs'"]),
+    ],
+)
+def test_config_errors(tmp_path, capsys, overrides, needles):
+    out = tmp_path / "run"
+    _fails_with_one_error_line(capsys, ["run", "--out", str(out), *overrides], *needles)
+    _no_results(out)
+
+
+def test_missing_config_file(tmp_path, capsys):
+    out = tmp_path / "run"
+    missing = tmp_path / "nowhere.yaml"
+    _fails_with_one_error_line(capsys, ["run", "--out", str(out), "--config", str(missing)], str(missing))
+    _no_results(out)
+
+
+def test_invalid_config_file(tmp_path, capsys):
+    out = tmp_path / "run"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("noise: [1, 2\n")
+    _fails_with_one_error_line(capsys, ["run", "--out", str(out), "--config", str(bad)], "not valid YAML")
+    _no_results(out)
+
+
+def test_missing_parquet_data(tmp_path, capsys):
+    out = tmp_path / "run"
+    missing = tmp_path / "no_such_table.parquet"
+    argv = ["run", "--out", str(out), "data.source=parquet", f"data.path={missing}", "run.device=cpu"]
+    _fails_with_one_error_line(capsys, argv, "data.path", str(missing))
+    _no_results(out)
+
+
+def test_parquet_without_path(tmp_path, capsys):
+    out = tmp_path / "run"
+    _fails_with_one_error_line(capsys, ["run", "--out", str(out), "data.source=parquet"], "data.path")
+    _no_results(out)
+
+
+def test_unknown_from_stage(tmp_path, capsys):
+    out = tmp_path / "run"
+    _fails_with_one_error_line(capsys, ["run", "--out", str(out), "--from", "nope", "data.source=digits"], "--from")
+    _no_results(out)

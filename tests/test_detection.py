@@ -1,0 +1,380 @@
+"""Unit tests of raypipe.detection on planted synthetic data (no Ray, seconds)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import f1_score, roc_auc_score
+
+from raypipe.detection import (
+    KnnIndex,
+    TrajectoryRecorder,
+    area_under_margin,
+    class_conditional_flags,
+    combine_signals,
+    knn_label_agreement,
+    knn_votes,
+    margins_and_losses,
+    prepare_features,
+)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Planted data
+
+
+def converged_probe(n=1500, c=6, d=32, rate=0.4, pull=0.25, seed=0):
+    """Probe features of a model that memorized symmetric label noise.
+
+    Features cluster by TRUE class (pre-ReLU, centres ~N(0, 1)), with the flipped samples pulled a little toward
+    their given class (memorization moves them, not all the way). Loss: every sample is fitted, the flipped ones
+    only marginally worse: what a converged model's per-sample loss looks like (AUROC ~0.55 in METHOD.md).
+    """
+    rng = np.random.default_rng(seed)
+    mu = rng.normal(0, 1, (c, d))
+    true = rng.integers(0, c, n)
+    flip = rng.random(n) < rate
+    given = true.copy()
+    given[flip] = (true[flip] + rng.integers(1, c, flip.sum())) % c
+    h = mu[true] + pull * (mu[given] - mu[true]) + 0.5 * rng.normal(0, 1, (n, d))
+    loss = rng.exponential(0.01, n) * np.where(flip, 1.1, 1.0)  # memorized: low loss on the flipped label too
+    return h.astype(np.float32), given, true, flip, loss
+
+
+def brute_force_votes(qx, qy, qid, rx, ry, rid, k, c, metric, features, class_balanced):
+    """Plain-loop reference: float64 distances, explicit self-exclusion by id, explicit vote weights."""
+    q = prepare_features(qx, metric, features).astype(np.float64)
+    r = prepare_features(rx, metric, features).astype(np.float64)
+    prior = np.bincount(ry, minlength=c) / len(ry)
+    agreement, shares_all = [], []
+    for i in range(len(q)):
+        cand = [j for j in range(len(r)) if qid is None or rid[j] != qid[i]]
+        if metric == "cosine":
+            dist = [-(q[i] @ r[j]) for j in cand]
+        else:
+            dist = [((q[i] - r[j]) ** 2).sum() for j in cand]
+        order = np.argsort(dist, kind="stable")
+        assert np.sort(dist)[k] - np.sort(dist)[k - 1] > 1e-5, "test data must have no tie at the k-th neighbour"
+        nn = [cand[j] for j in order[:k]]
+        votes = np.zeros(c)
+        for j in nn:
+            votes[ry[j]] += 1.0 / prior[ry[j]] if class_balanced else 1.0
+        shares = votes / votes.sum()
+        agreement.append(shares[qy[i]])
+        shares_all.append(shares)
+    return np.array(agreement), np.array(shares_all)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kNN votes: exactness
+
+
+@pytest.mark.parametrize("metric,features", [("cosine", "relu"), ("cosine", "raw"), ("euclidean", "raw")])
+@pytest.mark.parametrize("class_balanced", [False, True])
+def test_blockwise_equals_single_block(metric, features, class_balanced):
+    h, y, _, _, _ = converged_probe(n=400, c=5, d=16, seed=1)
+    ids = np.arange(1000, 1400)
+    kw = dict(exclude_self_ids=(ids, ids), metric=metric, features=features, class_balanced=class_balanced)
+    whole = knn_votes(h, y, h, y, 7, 5, block_size=400, return_shares=True, **kw)
+    for block_size in (1, 13, 64, None):
+        part = knn_votes(h, y, h, y, 7, 5, block_size=block_size, return_shares=True, **kw)
+        np.testing.assert_array_equal(part.agreement, whole.agreement)
+        np.testing.assert_array_equal(part.suggested_label, whole.suggested_label)
+        np.testing.assert_array_equal(part.shares, whole.shares)
+
+
+@pytest.mark.parametrize("metric,features", [("cosine", "relu"), ("cosine", "raw"), ("euclidean", "relu")])
+@pytest.mark.parametrize("class_balanced", [False, True])
+def test_matches_brute_force_with_query_block_of_shuffled_ids(metric, features, class_balanced):
+    rng = np.random.default_rng(2)
+    n, c, k = 60, 4, 5
+    x = rng.normal(0.3, 1, (n, 12)).astype(np.float32)  # 12 dims: ReLU leaves no ties at the k-th neighbour
+    y = rng.integers(0, c, n)
+    y[:4] = np.arange(4)  # every class present
+    rid = rng.permutation(n) * 7 + 3  # ids unrelated to positions
+    q = np.arange(10, 35)  # a query block: a slice of the reference set, ids looked up, not positions
+    got = knn_votes(
+        x[q],
+        y[q],
+        x,
+        y,
+        k,
+        c,
+        exclude_self_ids=(rid[q], rid),
+        metric=metric,
+        features=features,
+        class_balanced=class_balanced,
+        block_size=4,
+        return_shares=True,
+    )
+    want_agree, want_shares = brute_force_votes(x[q], y[q], rid[q], x, y, rid, k, c, metric, features, class_balanced)
+    np.testing.assert_allclose(got.agreement, want_agree, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got.shares, want_shares, rtol=1e-6, atol=1e-7)
+    best = want_shares.max(axis=1)
+    # Suggested label: the argmax, a tie kept on the given label.
+    for i, s in enumerate(got.suggested_label):
+        assert want_shares[i, s] == pytest.approx(best[i])
+        if want_agree[i] == pytest.approx(best[i]):
+            assert s == y[q][i]
+    np.testing.assert_allclose(got.suggested_share, best, rtol=1e-6)
+
+
+def test_self_exclusion_drops_own_label():
+    # Pairs of near-identical points with DIFFERENT labels: each point's nearest other point is its twin.
+    rng = np.random.default_rng(3)
+    centres = rng.normal(0, 1, (50, 8)) * 10
+    x = np.repeat(centres, 2, axis=0) + rng.normal(0, 0.3, (100, 8))  # twins far apart enough for float32
+    y = np.tile([0, 1], 50)
+    ids = np.arange(100)
+    with_self = knn_label_agreement(x, y, x, y, 1, 2, features="raw")
+    without = knn_label_agreement(x, y, x, y, 1, 2, exclude_self_ids=(ids, ids), features="raw")
+    assert np.all(with_self == 1.0)  # its own row is its nearest neighbour
+    assert np.all(without == 0.0)  # its twin carries the other label
+    # A query id absent from the index excludes nothing.
+    absent = knn_label_agreement(x, y, x, y, 1, 2, exclude_self_ids=(ids + 1000, ids), features="raw")
+    assert np.all(absent == 1.0)
+
+
+def test_class_balanced_weights_votes_by_inverse_prior():
+    # Query of class 1 (prior 0.1); its 5 neighbours: 2 of class 1, 3 of class 0 (prior 0.9).
+    ref_y = np.array([1] * 10 + [0] * 90)
+    ref_x = np.zeros((100, 2), dtype=np.float32)
+    ref_x[:, 0] = np.arange(100) + 100.0  # far from the query...
+    ref_x[[0, 1, 10, 11, 12], 0] = [0.1, 0.2, 0.3, 0.4, 0.5]  # ...except these five
+    q = np.zeros((1, 2), dtype=np.float32)
+    plain = knn_votes(q, [1], ref_x, ref_y, 5, 2, metric="euclidean", features="raw")
+    bal = knn_votes(q, [1], ref_x, ref_y, 5, 2, metric="euclidean", features="raw", class_balanced=True)
+    assert plain.agreement[0] == pytest.approx(0.4) and plain.suggested_label[0] == 0
+    want = (2 / 0.1) / (2 / 0.1 + 3 / 0.9)
+    assert bal.agreement[0] == pytest.approx(want) and bal.suggested_label[0] == 1
+
+
+def test_approximate_is_exact_on_its_subsample_and_still_detects():
+    h, y, _, flip, _ = converged_probe(n=1500, seed=4)
+    ids = np.arange(1500)
+    approx = knn_votes(h, y, h, y, 10, 6, exclude_self_ids=(ids, ids), approximate=True, max_ref=500, seed=7)
+    index = KnnIndex.build(h, y, 6, ref_ids=ids, max_ref=500, seed=7)
+    assert len(index) == 500 and index.subsampled_from == 1500
+    keep = np.isin(ids, index.ids)
+    exact_sub = knn_votes(h, y, h[keep], y[keep], 10, 6, exclude_self_ids=(ids, ids[keep]))
+    np.testing.assert_array_equal(approx.agreement, exact_sub.agreement)
+    assert roc_auc_score(flip, approx.suspicion) > 0.95
+
+
+def test_argument_errors():
+    x = np.zeros((5, 3), dtype=np.float32)
+    y = np.zeros(5, dtype=np.int64)
+    ids = np.arange(5)
+    with pytest.raises(ValueError, match="k=5"):
+        knn_votes(x, y, x, y, 5, 2, exclude_self_ids=(ids, ids))  # only 4 others
+    with pytest.raises(ValueError, match="unique"):
+        KnnIndex.build(x, y, 2, ref_ids=np.zeros(5))
+    with pytest.raises(ValueError, match="labels"):
+        knn_votes(x, y + 3, x, y, 2, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kNN votes: detection on a "converged model"
+
+
+def test_neighbour_agreement_finds_memorized_flips_where_loss_does_not():
+    h, y, _, flip, loss = converged_probe(n=1500, seed=5)
+    ids = np.arange(len(y))
+    v = knn_votes(h, y, h, y, 10, 6, exclude_self_ids=(ids, ids))
+    auroc_knn = roc_auc_score(flip, v.suspicion)
+    auroc_loss = roc_auc_score(flip, loss)
+    assert auroc_knn > 0.95, auroc_knn
+    assert auroc_loss < 0.65, auroc_loss
+    # The suggested label recovers the TRUE label of most flipped samples (chance: 1 / 6).
+    _, _, true, _, _ = converged_probe(n=1500, seed=5)
+    assert (v.suggested_label[flip] == true[flip]).mean() > 0.8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Class-conditional decisions
+
+
+def cyclic_pair_scores(seed=0, per_class=400, c=5, rate=0.4):
+    """Cyclic pair flips c -> c+1: every given class holds its clean samples plus 40% of the previous class.
+
+    Suspicion baselines differ by class (0.1 * c): the flipped samples sit 0.3 above THEIR class's clean ones,
+    so class 0's flips (0.3) lie below class 4's clean samples (0.4), and no single threshold separates them.
+    """
+    rng = np.random.default_rng(seed)
+    true = np.repeat(np.arange(c), per_class)
+    flip = np.zeros(len(true), bool)
+    for a in range(c):
+        idx = np.flatnonzero(true == a)
+        flip[rng.choice(idx, int(rate * per_class), replace=False)] = True
+    given = np.where(flip, (true + 1) % c, true)
+    score = 0.1 * given + np.where(flip, 0.3, 0.0) + rng.normal(0, 0.04, len(true))
+    return score, given, flip
+
+
+def test_threshold_per_class_beats_global_threshold_on_cyclic_pairs():
+    score, given, flip = cyclic_pair_scores()
+    per_class = class_conditional_flags(score, given, 5, method="threshold")
+    global_ = class_conditional_flags(score, np.zeros_like(given), 1, method="threshold")
+    f1_class, f1_global = f1_score(flip, per_class.flagged), f1_score(flip, global_.flagged)
+    assert f1_class > 0.9 and f1_class > f1_global + 0.2, (f1_class, f1_global)
+    assert all(pc["decided_by"] == "class" for pc in per_class.per_class)
+    # CL's t_c in agreement terms: flagged iff agreement (1 - score) < mean agreement of the class.
+    agreement = 1 - score
+    t = np.array([agreement[given == c].mean() for c in range(5)])
+    np.testing.assert_array_equal(per_class.flagged, agreement < t[given])
+
+
+def dataset_pair_scores(seed=0, per_class=400):
+    """Pair flips 0 -> 1 and 2 -> 3 at 40% of the source class; classes 4, 5 are clean.
+
+    Like kNN disagreement after memorization: target classes' clean samples near 0, their flipped samples ~0.35;
+    the source classes' clean samples sit among flipped ones (~0.45), class 5 is hard (~0.3); both unimodal.
+    """
+    rng = np.random.default_rng(seed)
+    true = np.repeat(np.arange(6), per_class)
+    flip = np.zeros(len(true), bool)
+    for a in (0, 2):
+        flip[rng.choice(np.flatnonzero(true == a), int(0.4 * per_class), replace=False)] = True
+    given = np.where(flip, true + 1, true)
+    base = np.array([0.45, 0.03, 0.45, 0.03, 0.05, 0.3])
+    score = np.where(flip, 0.35, base[given]) + rng.normal(0, 0.04, len(true))
+    return score, given, flip
+
+
+def test_mixture_per_class_beats_global_mixture_on_pair_flips():
+    score, given, flip = dataset_pair_scores()
+    per_class = class_conditional_flags(score, given, 6, method="mixture")
+    global_ = class_conditional_flags(score, np.zeros_like(given), 1, method="mixture", max_flag_fraction=None)
+    f1_class, f1_global = f1_score(flip, per_class.flagged), f1_score(flip, global_.flagged)
+    assert f1_class > 0.9 and f1_class > f1_global + 0.3, (f1_class, f1_global)
+    decided = {pc["class"]: pc["decided_by"] for pc in per_class.per_class}
+    assert decided[1] == "class" and decided[3] == "class"  # the bimodal target classes get their own fit
+    assert decided[0] == "global" and not per_class.flagged[given == 0].any()  # source class: not wiped out
+
+
+def test_fallbacks_for_small_and_degenerate_classes():
+    rng = np.random.default_rng(6)
+    small = [0.9, 0.05, 0.1, 0.02]  # a class of 4: one high score
+    high = [0.9, 0.95, 0.92]  # a class of 3, all high: the global rule would flag all of it
+    score = np.concatenate([rng.normal(0, 0.05, 300), rng.normal(1, 0.05, 200), small, np.full(40, 0.2), high])
+    labels = np.concatenate([np.zeros(500, int), [1] * 4, [2] * 40, [4] * 3])
+    for method in ("threshold", "mixture"):
+        out = class_conditional_flags(score, labels, 5, method=method, min_class_size=20)
+        info = {pc["class"]: pc for pc in out.per_class}
+        assert info[1]["decided_by"] == "global" and "too few" in info[1]["reason"]
+        assert info[2]["decided_by"] == "global" and "equal" in info[2]["reason"]
+        assert info[3]["n"] == 0
+        # The small class is decided by the global rule: its high score flagged, its low ones not.
+        np.testing.assert_array_equal(out.flagged[500:504], [True, False, False, False])
+        assert not out.flagged[544:].any() and "none flagged" in info[4]["reason"]  # majority-correct cap
+        assert out.p_noisy.shape == (547,) and np.all((out.p_noisy >= 0) & (out.p_noisy <= 1))
+        uncapped = class_conditional_flags(score, labels, 5, method=method, min_class_size=20, max_flag_fraction=None)
+        assert uncapped.flagged[544:].all()
+
+
+def test_confident_joint_on_vote_shares():
+    # Two classes; samples labelled 1 whose shares say 0 confidently are off-diagonal.
+    shares = np.array([[0.9, 0.1], [0.8, 0.2], [0.2, 0.8], [0.1, 0.9], [0.7, 0.3], [0.5, 0.5]])
+    labels = np.array([0, 0, 1, 1, 1, 0])
+    out = class_conditional_flags(1 - shares[np.arange(6), labels], labels, 2, "confident_joint", shares, 1)
+    # t_0 = mean(0.9, 0.8, 0.5) = 0.733, t_1 = mean(0.8, 0.9, 0.3) = 0.667.
+    np.testing.assert_array_equal(out.flagged, [False, False, False, False, False, False])
+    shares[4] = [0.75, 0.25]  # now 0.75 >= t_0 (0.733): sample 4 (label 1) is confidently class 0
+    out = class_conditional_flags(1 - shares[np.arange(6), labels], labels, 2, "confident_joint", shares, 1)
+    np.testing.assert_array_equal(out.flagged, [False, False, False, False, True, False])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trajectory
+
+
+def test_margins_and_losses_by_hand():
+    logits = np.array([[2.0, 1.0, -1.0], [0.0, 3.0, 1.0]])
+    margin, loss = margins_and_losses(logits, np.array([0, 2]))
+    np.testing.assert_allclose(margin, [1.0, -2.0])
+    want = F.cross_entropy(torch.tensor(logits), torch.tensor([0, 2]), reduction="none").numpy()
+    np.testing.assert_allclose(loss, want, rtol=1e-12)
+
+
+def test_recorder_matches_recomputation_from_checkpoints():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(8)
+    n, c = 240, 4
+    x = torch.tensor(rng.normal(0, 1, (n, 10)), dtype=torch.float32)
+    y = torch.tensor(rng.integers(0, c, n))
+    ids = rng.permutation(n) + 5000  # the recorder is addressed by sample id
+    model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, c))
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    rec = TrajectoryRecorder(sample_ids=ids)
+    halves = [TrajectoryRecorder(num_samples=n), TrajectoryRecorder(num_samples=n)]  # a 2-worker split
+    checkpoints = []
+    for epoch in range(4):
+        for b in torch.randperm(n).split(32):
+            opt.zero_grad()
+            F.cross_entropy(model(x[b]), y[b]).backward()
+            opt.step()
+        checkpoints.append(copy.deepcopy(model.state_dict()))
+        with torch.no_grad():  # the end-of-epoch eval pass feeds the recorder
+            for b in torch.arange(n).split(50):
+                logits = model(x[b])
+                rec.update(ids[b.numpy()], logits, y[b], epoch=epoch)
+                halves[int(b[0]) % 2].update(b, logits, y[b], epoch=epoch)
+
+    replay = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, c))
+    saved = []
+    for state in checkpoints:
+        replay.load_state_dict(state)
+        with torch.no_grad():
+            saved.append(replay(x).numpy())
+    saved = np.stack(saved)  # [E, N, C]
+    want_aum = area_under_margin(saved, y.numpy())
+    np.testing.assert_allclose(rec.aum(), want_aum, rtol=1e-5, atol=1e-6)
+    want_loss1 = F.cross_entropy(torch.tensor(saved[1]), y, reduction="none").numpy()
+    np.testing.assert_allclose(rec.early_loss(1), want_loss1, rtol=1e-5, atol=1e-6)
+    merged = halves[0].merge(halves[1])
+    np.testing.assert_allclose(merged.aum(), want_aum, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(merged.early_loss(3), rec.early_loss(3))
+    assert not np.allclose(want_aum, margins_and_losses(saved[-1], y.numpy())[0])  # AUM is not the last margin
+    restored = TrajectoryRecorder(sample_ids=ids)
+    restored.load_state_dict(rec.state_dict())
+    np.testing.assert_array_equal(restored.aum(), rec.aum())
+    with pytest.raises(KeyError):
+        rec.early_loss(7)
+    with pytest.raises(KeyError):
+        rec.update(np.array([1]), np.zeros((1, c)), np.array([0]), epoch=0)  # an unknown id
+
+
+def test_recorder_keeps_only_requested_loss_epochs_and_marks_unseen():
+    rec = TrajectoryRecorder(num_samples=4, keep_loss_epochs=[0])
+    rec.update([0, 1], np.array([[1.0, 0.0], [0.0, 1.0]]), [0, 0], epoch=0)
+    rec.update([0, 1], np.array([[3.0, 0.0], [0.0, 1.0]]), [0, 0], epoch=1)
+    np.testing.assert_allclose(rec.aum()[:2], [2.0, -1.0])
+    assert np.isnan(rec.aum()[2:]).all() and np.isnan(rec.early_loss(0)[2:]).all()
+    assert sorted(rec.losses) == [0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Combining signals without ground truth
+
+
+def test_combine_signals_picks_the_informative_signal():
+    h, y, _, flip, loss = converged_probe(n=1500, seed=9)
+    ids = np.arange(len(y))
+    knn = knn_votes(h, y, h, y, 10, 6, exclude_self_ids=(ids, ids)).suspicion
+    rng = np.random.default_rng(10)
+    signals = {
+        "noise_uniform": rng.random(len(y)),
+        "noise_gauss": rng.normal(0, 1, len(y)),
+        "memorized_loss": loss,  # skewed, one population: the power transform must not mistake skew for groups
+        "knn": knn,
+    }
+    score, used = combine_signals(signals)
+    assert used["chosen"] == ["knn"], used["why"]
+    assert roc_auc_score(flip, score) > 0.95
+    # The choice never looked at `flip`; shuffling the uninformative signals' order does not change it.
+    score2, used2 = combine_signals(dict(reversed(list(signals.items()))))
+    assert used2["chosen"] == ["knn"]
+    np.testing.assert_allclose(score, score2)

@@ -1,0 +1,129 @@
+"""The training loop: what each route trains, timing, metrics, and that it learns at all."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, f1_score, precision_score
+from torch import nn
+
+from raypipe.config import ModelConfig, TrainConfig
+from raypipe.models import ProbedModel, build_model
+from raypipe.training import classification_metrics, evaluate, fit, predict_logits, tensor_batches
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHAPE, CLASSES = (1, 4, 4), 4
+CPU = torch.device("cpu")
+ADAM = TrainConfig(epochs=2, optimizer="adam", lr=1e-2, batch_size=16)
+
+
+def _blobs(n: int, seed: int, spread: float = 0.5):
+    """CLASSES well separated blobs in (1, 4, 4) input space."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).normal(scale=2.0, size=(CLASSES, *SHAPE))
+    y = rng.integers(0, CLASSES, size=n)
+    x = centres[y] + rng.normal(scale=spread, size=(n, *SHAPE))
+    return x.astype(np.float32), y
+
+
+def _bn_model(seed: int = 0) -> ProbedModel:
+    """A backbone with BatchNorm, so running statistics (buffers) are covered too."""
+    torch.manual_seed(seed)
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.BatchNorm1d(12), nn.ReLU())
+    return ProbedModel(backbone, 12, probe_width=8, num_classes=CLASSES)
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_l_ft_trains_only_the_head():
+    x, y = _blobs(96, seed=0)
+    model = _bn_model()
+    backbone0, head0 = _snapshot(model.backbone), {k: v.clone() for k, v in model.named_parameters()}
+    fit(model, x, y, ADAM, route="l_ft", device=CPU)
+    for k, v in model.backbone.state_dict().items():  # parameters and BatchNorm running statistics
+        assert torch.equal(v, backbone0[k]), k
+    for name in ("fc.weight", "fc.bias", "fc2.weight", "fc2.bias"):
+        assert not torch.equal(dict(model.named_parameters())[name], head0[name]), name
+
+
+def test_f_ft_trains_the_backbone():
+    x, y = _blobs(96, seed=0)
+    model = _bn_model()
+    fit(model, x, y, ADAM, route="l_ft", device=CPU)  # a frozen backbone must thaw for f_ft
+    backbone0 = _snapshot(model.backbone)
+    fc0 = model.fc.weight.detach().clone()
+    fit(model, x, y, ADAM, route="f_ft", device=CPU)
+    assert not torch.equal(model.backbone.state_dict()["1.weight"], backbone0["1.weight"])
+    assert not torch.equal(model.backbone.state_dict()["2.running_mean"], backbone0["2.running_mean"])
+    assert not torch.equal(model.fc.weight, fc0)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_fit_result_and_callback():
+    x, y = _blobs(50, seed=1)
+    model = build_model(ModelConfig(name="mlp", probe_width=8, hidden_width=8), SHAPE, CLASSES)
+    seen = []
+    cfg = TrainConfig(epochs=3, lr=1e-2, batch_size=16)
+    result = fit(model, x, y, cfg, "initial", CPU, on_epoch=lambda e, m, metrics: seen.append((e, m, metrics)))
+    assert result.epochs == 3 and len(result.history) == 3
+    assert result.seconds_total > 0
+    assert result.seconds_total == pytest.approx(sum(h["seconds"] for h in result.history))
+    assert result.seconds_per_epoch == pytest.approx(result.seconds_total / 3)
+    assert [e for e, _, _ in seen] == [1, 2, 3] and all(m is model for _, m, _ in seen)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert all(h["n"] == 50 for h in result.history)  # every sample once per epoch (last batch partial)
+    assert all(0.0 <= h["train_accuracy"] <= 1.0 and h["train_loss"] > 0 for h in result.history)
+
+
+def test_tensor_batches_cover_every_sample_once():
+    x = torch.arange(10).float().unsqueeze(1)
+    y = torch.arange(10)
+    batches = list(tensor_batches(x, y, 4, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    assert [len(b[1]) for b in batches] == [4, 4, 2]
+    got = torch.cat([b[1] for b in batches])
+    assert sorted(got.tolist()) == list(range(10)) and got.tolist() != list(range(10))
+    assert all(torch.equal(bx[:, 0].long(), by) for bx, by in batches)  # x and y stay paired
+    plain = list(tensor_batches(x, y, 4, shuffle=False))
+    assert torch.cat([b[1] for b in plain]).tolist() == list(range(10))
+
+
+def test_classification_metrics_hand_computed():
+    y_true = np.array([0, 0, 1, 1, 2, 2])
+    y_pred = np.array([0, 1, 1, 1, 2, 0])
+    m = classification_metrics(y_true, y_pred)
+    # precision per class: 1/2, 2/3, 1/1; recall 1/2, 1, 1/2; F1 1/2, 4/5, 2/3
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["macro_precision"] == pytest.approx((1 / 2 + 2 / 3 + 1) / 3)
+    assert m["macro_f1"] == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)
+    assert m["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert m["macro_precision"] == pytest.approx(precision_score(y_true, y_pred, average="macro"))
+    assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
+
+
+def test_evaluate_on_hand_made_logits():
+    """An identity 'model' whose logits are given: evaluate = metrics of their argmax."""
+    y_true = np.array([0, 0, 1, 1, 2, 2, 3])
+    y_pred = np.array([0, 1, 1, 1, 2, 0, 1])  # class 3 never predicted: precision counts it as 0
+    logits = np.eye(4, dtype=np.float32)[y_pred] * 3.0 - 1.0
+    m = evaluate(nn.Identity(), logits, y_true, CPU, batch_size=3)
+    assert m == pytest.approx(classification_metrics(y_true, y_pred))
+    assert m["accuracy"] == pytest.approx(4 / 7)
+    assert m["macro_precision"] == pytest.approx(precision_score(y_true, y_pred, average="macro", zero_division=0))
+    assert m["macro_precision"] == pytest.approx((1 / 2 + 2 / 4 + 1 + 0) / 4)
+    assert np.array_equal(predict_logits(nn.Identity(), logits, 2, CPU), logits)
+
+
+def test_learns_a_separable_problem():
+    x, y = _blobs(400, seed=2)
+    x_test, y_test = _blobs(200, seed=3)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="mlp", probe_width=16, hidden_width=32), SHAPE, CLASSES)
+    before = evaluate(model, x_test, y_test, CPU)["accuracy"]
+    fit(model, x, y, TrainConfig(epochs=5, optimizer="adam", lr=1e-2, batch_size=32), "initial", CPU)
+    after = evaluate(model, x_test, y_test, CPU)
+    assert after["accuracy"] > 0.9 and after["macro_f1"] > 0.9
+    assert after["accuracy"] > before
