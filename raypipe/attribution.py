@@ -94,7 +94,7 @@ def attribute_batch(
     passed through for scoring only). The model must be in eval mode on `device`.
     """
     x = torch.tensor(batch["x"], dtype=torch.float32, device=device)  # a copy: Arrow buffers are read-only
-    y = torch.as_tensor(batch["label"], dtype=torch.long, device=device)
+    y = torch.tensor(batch["label"], dtype=torch.long, device=device)
     h = _forward(model, x)  # [B, d] pre-ReLU probe activations, the backbone's only pass
     attribution = RULES[rule](model, h, y).detach()
     with torch.no_grad():

@@ -20,13 +20,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default=None, help="YAML config file (defaults: raypipe/config.py)")
     run.add_argument("--from", dest="from_stage", default=None, help="rerun this stage and everything after it")
     run.add_argument("overrides", nargs="*", help="section.key=value settings, e.g. noise.rate=0.4")
+    run.add_argument("--default", action="append", default=[], help=argparse.SUPPRESS)  # a job's own defaults
     return parser
 
 
 def run_command(args: argparse.Namespace) -> int:
     from raypipe.api import run
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides, args.default)
     print("raypipe config:\n" + dump_config(config), flush=True)
     run(config, args.out, from_stage=args.from_stage)
     return 0

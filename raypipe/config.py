@@ -207,6 +207,85 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """`raypipe sweep`: a Ray Tune search over the partition, pruning and fine-tuning settings.
+
+    Every list is one axis of the search space; a trial takes one value of each. The data, the
+    initial model and the attributions (once per rule in `rules`) are computed once and shared.
+    """
+
+    tau: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
+    prune_fraction: list[float] = field(default_factory=lambda: [0.0, 0.156, 0.3])
+    rules: list[str] = field(default_factory=lambda: ["loss", "grad_x_act_label"])
+    # Fine-tuning routes; the route's section (l_ft / f_ft) gives its other settings.
+    routes: list[str] = field(default_factory=lambda: ["l_ft", "f_ft"])
+    lr: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2])
+    epochs: list[int] = field(default_factory=lambda: [10])
+    # 0: every combination of the lists (a grid); n > 0: n distinct combinations drawn with `seed`.
+    num_samples: int = 16
+    seed: int = 0
+    # The objective is accuracy on a validation split held out from the training data, never the test
+    # split. `noisy`: the data's own validation split with its given (possibly wrong) labels: all a user
+    # without clean data has. `trusted`: a small clean labelled set the user supplies in `trusted_path`.
+    objective: Literal["noisy", "trusted"] = "noisy"
+    # Parquet (file, directory or s3:// / gs:// URI): either written by raypipe (table_from_samples) or
+    # in the parquet source's format (data.image_column / data.label_column).
+    trusted_path: str | None = None
+    # Resources of one trial (its Ray Train workers included); concurrent trials: 0 = as many as the
+    # cluster's CPUs (GPUs) hold.
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    workers_per_trial: int = 1
+    max_concurrent_trials: int = 0
+    # ASHA early stopping: no trial is stopped before `grace_period` epochs; at each rung only the top
+    # 1 / reduction_factor of the trials continue.
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+
+    def validate(self) -> None:
+        axes: dict[str, list[Any]] = {
+            "tau": self.tau,
+            "prune_fraction": self.prune_fraction,
+            "rules": self.rules,
+            "routes": self.routes,
+            "lr": self.lr,
+            "epochs": self.epochs,
+        }
+        for name, values in axes.items():
+            _check(len(values) >= 1, f"sweep.{name}", "needs at least one value")
+            _check(len(set(values)) == len(values), f"sweep.{name}", "a value is listed twice")
+        for v in self.tau:
+            _check(0.0 < v <= 1.0, "sweep.tau", f"{v} is outside (0, 1]")
+        for v in self.prune_fraction:
+            _check(0.0 <= v < 1.0, "sweep.prune_fraction", f"{v} is outside [0, 1)")
+        for v in self.rules:
+            _check(v in RULES, "sweep.rules", f"unknown rule '{v}'; use any of {list(RULES)}")
+        for v in self.routes:
+            _check(v in ("l_ft", "f_ft"), "sweep.routes", f"unknown route '{v}'; use any of ['l_ft', 'f_ft']")
+        for v in self.lr:
+            _check(v > 0, "sweep.lr", f"{v} must be > 0")
+        for v in self.epochs:
+            _check(v >= 1, "sweep.epochs", f"{v} must be >= 1")
+        _check(self.num_samples >= 0, "sweep.num_samples", "must be >= 0 (0 = every combination)")
+        _check(
+            self.objective != "trusted" or self.trusted_path is not None,
+            "sweep.trusted_path",
+            "sweep.objective=trusted needs a clean labelled Parquet set; set sweep.trusted_path=...",
+        )
+        _check(self.cpus_per_trial > 0, "sweep.cpus_per_trial", "must be > 0 (fractions such as 0.5 work)")
+        _check(self.gpus_per_trial >= 0, "sweep.gpus_per_trial", "must be >= 0")
+        _check(self.workers_per_trial >= 1, "sweep.workers_per_trial", "must be >= 1")
+        _check(self.max_concurrent_trials >= 0, "sweep.max_concurrent_trials", "must be >= 0 (0 = from the cluster)")
+        _check(self.grace_period >= 1, "sweep.grace_period", "must be >= 1")
+        _check(
+            self.grace_period <= max(self.epochs),
+            "sweep.grace_period",
+            f"{self.grace_period} is more than the most epochs a trial runs ({max(self.epochs)})",
+        )
+        _check(self.reduction_factor > 1, "sweep.reduction_factor", "must be > 1")
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -223,6 +302,7 @@ class Config:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def validate(self) -> Config:
         for f in dataclasses.fields(self):
@@ -343,8 +423,11 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- key=value overrides, validated."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, defaults: list[str] | None = None
+) -> Config:
+    """Built-in defaults <- `defaults` (key=value, e.g. a job's own) <- YAML file <- key=value
+    overrides, validated."""
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -357,6 +440,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections")
         tree = loaded or {}
+    tree = _deep_merge(parse_overrides(defaults or []), tree)
     tree = _deep_merge(tree, parse_overrides(overrides or []))
     return config_from_dict(tree)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -75,10 +77,10 @@ def brute_force_votes(qx, qy, qid, rx, ry, rid, k, c, metric, features, class_ba
 @pytest.mark.parametrize("metric,features", [("cosine", "relu"), ("cosine", "raw"), ("euclidean", "raw")])
 @pytest.mark.parametrize("class_balanced", [False, True])
 def test_blockwise_equals_single_block(metric, features, class_balanced):
-    h, y, _, _, _ = converged_probe(n=400, c=5, d=16, seed=1)
-    ids = np.arange(1000, 1400)
+    h, y, _, _, _ = converged_probe(n=200, c=5, d=16, seed=1)
+    ids = np.arange(1000, 1200)
     kw = dict(exclude_self_ids=(ids, ids), metric=metric, features=features, class_balanced=class_balanced)
-    whole = knn_votes(h, y, h, y, 7, 5, block_size=400, return_shares=True, **kw)
+    whole = knn_votes(h, y, h, y, 7, 5, block_size=200, return_shares=True, **kw)
     for block_size in (1, 13, 64, None):
         part = knn_votes(h, y, h, y, 7, 5, block_size=block_size, return_shares=True, **kw)
         np.testing.assert_array_equal(part.agreement, whole.agreement)
@@ -227,20 +229,24 @@ def test_threshold_per_class_beats_global_threshold_on_cyclic_pairs():
     np.testing.assert_array_equal(per_class.flagged, agreement < t[given])
 
 
-def dataset_pair_scores(seed=0, per_class=400):
-    """Pair flips 0 -> 1 and 2 -> 3 at 40% of the source class; classes 4, 5 are clean.
+def dataset_pair_scores(seed=0, per_class=500):
+    """Fashion-MNIST-like pairs at 40%: a swap 0 <-> 1 and a one-way flip 2 -> 3; classes 4, 5 clean.
 
-    Like kNN disagreement after memorization: target classes' clean samples near 0, their flipped samples ~0.35;
-    the source classes' clean samples sit among flipped ones (~0.45), class 5 is hard (~0.3); both unimodal.
+    Suspicion baselines as measured for kNN disagreement on Fashion-MNIST pair flips (tests' module report):
+    both classes of a swap sit high (clean ~0.42, flipped ~0.58: one overlapping population per class); the
+    one-way target class is bimodal (clean ~0.03, flipped ~0.35); the source and the clean classes are low.
     """
     rng = np.random.default_rng(seed)
     true = np.repeat(np.arange(6), per_class)
     flip = np.zeros(len(true), bool)
-    for a in (0, 2):
+    for a in (0, 1, 2):
         flip[rng.choice(np.flatnonzero(true == a), int(0.4 * per_class), replace=False)] = True
-    given = np.where(flip, true + 1, true)
-    base = np.array([0.45, 0.03, 0.45, 0.03, 0.05, 0.3])
-    score = np.where(flip, 0.35, base[given]) + rng.normal(0, 0.04, len(true))
+    partner = np.array([1, 0, 3, 3, 4, 5])
+    given = np.where(flip, partner[true], true)
+    clean_base = np.array([0.42, 0.42, 0.08, 0.03, 0.03, 0.1])
+    flip_base = np.array([0.58, 0.58, 0.0, 0.35, 0.0, 0.0])
+    base = np.where(flip, flip_base[given], clean_base[given])
+    score = np.clip(base + rng.normal(0, 0.06, len(true)), 0, 1)
     return score, given, flip
 
 
@@ -249,10 +255,13 @@ def test_mixture_per_class_beats_global_mixture_on_pair_flips():
     per_class = class_conditional_flags(score, given, 6, method="mixture")
     global_ = class_conditional_flags(score, np.zeros_like(given), 1, method="mixture", max_flag_fraction=None)
     f1_class, f1_global = f1_score(flip, per_class.flagged), f1_score(flip, global_.flagged)
-    assert f1_class > 0.9 and f1_class > f1_global + 0.3, (f1_class, f1_global)
+    assert f1_class > 0.8 and f1_class > f1_global + 0.15, (f1_class, f1_global)
     decided = {pc["class"]: pc["decided_by"] for pc in per_class.per_class}
-    assert decided[1] == "class" and decided[3] == "class"  # the bimodal target classes get their own fit
-    assert decided[0] == "global" and not per_class.flagged[given == 0].any()  # source class: not wiped out
+    assert decided[3] == "class"  # the bimodal target class gets its own fit
+    # The swapped classes are one population each, flagged en bloc by the global rule: the majority-correct
+    # cap hands them to their class-mean threshold instead.
+    assert decided[0] == decided[1] == "class_threshold"
+    assert per_class.flagged[given == 0].mean() < 0.6 and global_.flagged[given == 0].mean() > 0.9
 
 
 def test_fallbacks_for_small_and_degenerate_classes():
@@ -269,7 +278,9 @@ def test_fallbacks_for_small_and_degenerate_classes():
         assert info[3]["n"] == 0
         # The small class is decided by the global rule: its high score flagged, its low ones not.
         np.testing.assert_array_equal(out.flagged[500:504], [True, False, False, False])
-        assert not out.flagged[544:].any() and "none flagged" in info[4]["reason"]  # majority-correct cap
+        # Majority-correct cap: the all-high class is handed to its class-mean threshold (flags 0.95 only).
+        assert info[4]["decided_by"] == "class_threshold"
+        np.testing.assert_array_equal(out.flagged[544:], [False, True, False])
         assert out.p_noisy.shape == (547,) and np.all((out.p_noisy >= 0) & (out.p_noisy <= 1))
         uncapped = class_conditional_flags(score, labels, 5, method=method, min_class_size=20, max_flag_fraction=None)
         assert uncapped.flagged[544:].all()
@@ -373,8 +384,49 @@ def test_combine_signals_picks_the_informative_signal():
     }
     score, used = combine_signals(signals)
     assert used["chosen"] == ["knn"], used["why"]
+    # Only one signal sees the noise, so no consensus forms (loadings fitted to chance correlations are
+    # meaningless); the separation step chooses, and the uniform decoy (Ashman D ~3) loses.
+    assert used["rule"] == "separation"
     assert roc_auc_score(flip, score) > 0.95
     # The choice never looked at `flip`; shuffling the uninformative signals' order does not change it.
     score2, used2 = combine_signals(dict(reversed(list(signals.items()))))
     assert used2["chosen"] == ["knn"]
     np.testing.assert_allclose(score, score2)
+
+
+def test_combine_signals_two_signals_falls_back_to_separation():
+    h, y, _, flip, _ = converged_probe(n=1500, seed=11)
+    ids = np.arange(len(y))
+    knn = knn_votes(h, y, h, y, 10, 6, exclude_self_ids=(ids, ids)).suspicion
+    noise = np.random.default_rng(12).random(len(y))  # uniform: Ashman D ~3, the hardest pure-noise case
+    score, used = combine_signals({"noise": noise, "knn": knn})
+    assert used["rule"] == "separation" and used["chosen"] == ["knn"], used["why"]
+    assert roc_auc_score(flip, score) > 0.95
+
+
+def test_combine_signals_consensus_weights_three_views_and_ignores_noise():
+    rng = np.random.default_rng(13)
+    n = 3000
+    noisy = rng.random(n) < 0.3
+    views = {f"view{i}": noisy * strength + rng.normal(0, 1, n) for i, strength in enumerate((3.0, 2.0, 1.0))}
+    views["noise"] = rng.normal(0, 1, n)
+    score, used = combine_signals(views)
+    assert used["rule"] == "consensus" and sorted(used["chosen"]) == ["view0", "view1", "view2"], used["why"]
+    w = used["weights"]
+    assert w["view0"] > w["view1"] > w["view2"] > 0  # better detectors count more, found without labels
+    assert roc_auc_score(noisy, score) >= roc_auc_score(noisy, views["view0"]) - 0.005
+
+
+def test_index_pickles_for_workers_and_accepts_read_only_blocks():
+    h, y, _, _, _ = converged_probe(n=300, seed=14)
+    ids = np.arange(300)
+    index = KnnIndex.build(h, y, 6, ref_ids=ids, metric="euclidean")
+    want = index.votes(h[:50], y[:50], 5, query_ids=ids[:50])  # fills the device cache
+    shipped = pickle.loads(pickle.dumps(index))
+    assert shipped._on_device == {}  # tensors are not shipped, numpy is
+    for arr in (shipped.x, shipped.labels, h, y):
+        arr.setflags(write=False)  # as Ray's object store hands them out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = shipped.votes(h[:50], y[:50], 5, query_ids=ids[:50])
+    np.testing.assert_array_equal(got.agreement, want.agreement)

@@ -1,0 +1,149 @@
+"""The pipeline on a local Ray cluster (one per module): Ray Data attribution, per-shard sums,
+Ray Train routes, skip and --from on rerun."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from raypipe import storage  # noqa: E402
+from raypipe.config import load_config  # noqa: E402
+from raypipe.executor import LocalExecutor  # noqa: E402
+from raypipe.pipeline import Pipeline, run  # noqa: E402
+from raypipe.sensitivity import SufficientStats  # noqa: E402
+from raypipe.stages import attribute, prepare, prune  # noqa: E402
+from raypipe.stages.partition import read_partition  # noqa: E402
+from raypipe.tables import columns_from_table  # noqa: E402
+
+pytestmark = [pytest.mark.ray]
+
+QUICK = ["data.shard_rows=300", "initial.epochs=60", "f_ft.epochs=10", "run.routes=[f_ft]"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_executor(ray_cluster):
+    from raypipe.distributed.executor import RayExecutor
+
+    return RayExecutor(load_config(None, ["run.executor=ray"]), log=lambda *_: None)
+
+
+def _read_attribution(uri: str) -> dict[str, np.ndarray]:
+    import pyarrow as pa
+
+    tables = [storage.read_table(u) for u in storage.list_files(uri, ".parquet")]
+    return columns_from_table(pa.concat_tables(tables))
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """Data + a quickly trained initial model, in-process (the reference for the Ray stages)."""
+    out = str(tmp_path_factory.mktemp("base"))
+    config = load_config(None, ["data.shard_rows=300", "initial.epochs=5", "run.routes=[]"])
+    p = Pipeline(config, out, LocalExecutor(log=lambda *_: None), log=lambda *_: None)
+    p.stage("data", {}, [], lambda uri: prepare.run(config, uri, log=lambda *_: None))
+    from raypipe.stages.train import TrainRequest, train_local
+
+    request = TrainRequest("initial", config.initial, p.uri("data"), p.uri("initial"), config.model, 0)
+    p.stage("initial", {}, ["data"], lambda uri: train_local(request, log=lambda *_: None))
+    return out
+
+
+@pytest.mark.parametrize("rule", ["grad_x_act_maxclass", "last_layer_grad"])
+def test_ray_data_attribution_equals_in_process(base_run, ray_executor, tmp_path, rule):
+    shards = prepare.train_shards(storage.join(base_run, "data"))
+    assert len(shards) >= 3  # several shards, so several actor calls
+    model_uri = storage.join(base_run, "initial", "model.pt")
+    local_out, ray_out = str(tmp_path / "local"), str(tmp_path / "ray")
+    LocalExecutor(log=lambda *_: None).attribute(
+        model_uri, attribute.pending_shards(shards, local_out), rule, 64, "cpu"
+    )
+    rows = ray_executor.attribute(model_uri, attribute.pending_shards(shards, ray_out), rule, 64, "cpu")
+
+    local, remote = _read_attribution(local_out), _read_attribution(ray_out)
+    n_train = storage.read_manifest(storage.join(base_run, "data"))["summary"]["rows"]["train"]
+    assert rows == n_train
+    # Every sample exactly once, and the same values as in-process for every sample_id.
+    assert len(np.unique(remote["sample_id"])) == len(remote["sample_id"]) == n_train
+    order_l, order_r = np.argsort(local["sample_id"]), np.argsort(remote["sample_id"])
+    assert np.array_equal(local["sample_id"][order_l], remote["sample_id"][order_r])
+    for key in ("attribution", "probe", "loss", "pred_label"):
+        np.testing.assert_allclose(remote[key][order_r], local[key][order_l], rtol=1e-5, atol=1e-6)
+    # A rerun finds nothing pending: finished shards are never recomputed.
+    assert attribute.pending_shards(shards, ray_out) == []
+
+
+def test_ray_block_sums_equal_single_block(base_run, ray_executor, tmp_path):
+    """The sensitivity statistics merged from per-shard Ray tasks equal one pass over all rows."""
+    shards = prepare.train_shards(storage.join(base_run, "data"))
+    model_uri = storage.join(base_run, "initial", "model.pt")
+    attr_out = str(tmp_path / "attr")
+    LocalExecutor(log=lambda *_: None).attribute(
+        model_uri, attribute.pending_shards(shards, attr_out), "loss", 64, "cpu"
+    )
+    # A fake partition aligned with the attribution shards.
+    part_out = str(tmp_path / "part")
+    rng = np.random.default_rng(0)
+    from raypipe.tables import table_from_columns
+
+    for uri in storage.list_files(attr_out, ".parquet"):
+        ids = columns_from_table(storage.read_table(uri, ["sample_id"]))["sample_id"]
+        p_noisy = rng.random(len(ids)).astype(np.float32)
+        cols = {"sample_id": ids, "p_noisy": p_noisy, "is_clean": p_noisy < 0.5}
+        storage.write_table(storage.join(part_out, uri.rsplit("/", 1)[-1]), table_from_columns(cols))
+    jobs = [(u, storage.join(part_out, u.rsplit("/", 1)[-1])) for u in storage.list_files(attr_out, ".parquet")]
+    parts = ray_executor.map(lambda job: prune.shard_stats(job[0], job[1], "p_noisy"), jobs, "stats")
+    assert len(parts) == len(jobs) >= 3
+    merged = SufficientStats(256)
+    for part in parts:
+        merged.merge(SufficientStats.from_dict(part))
+    everything = _read_attribution(attr_out)
+    part_all = columns_from_table(read_partition(part_out, ["sample_id", "p_noisy", "is_clean"]))
+    order_a, order_p = np.argsort(everything["sample_id"]), np.argsort(part_all["sample_id"])
+    single = SufficientStats(256).update(everything["probe"][order_a], part_all["p_noisy"][order_p])
+    beta_m, icpt_m = merged.solve()
+    beta_s, icpt_s = single.solve()
+    assert merged.n == single.n
+    np.testing.assert_allclose(beta_m, beta_s, rtol=1e-6, atol=1e-8)
+    assert icpt_m == pytest.approx(icpt_s, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_pipeline_on_ray_repairs_then_skips_then_reruns_from(ray_executor, tmp_path):
+    out = str(tmp_path / "run")
+    config = load_config("jobs/configs/digits.yaml", [*QUICK, "run.executor=ray"])
+    logs: list[str] = []
+    report = run(config, out, ray_executor, log=logs.append)
+    acc = {route: m["accuracy"] for route, m in report["routes"].items()}
+    assert set(acc) == {"initial", "f_ft"}
+    # The repair works on Ray: F-FT beats the model trained on 40% wrong labels by a clear margin.
+    assert acc["f_ft"] >= acc["initial"] + 0.03, acc
+    assert report["detection"]["auroc"] > 0.8
+    assert report["routes"]["f_ft"]["num_workers"] >= 1
+    for stage in ("data", "initial", "attribution", "partition", "prune", "f_ft"):
+        assert storage.read_manifest(storage.join(out, stage)) is not None
+
+    # A second run skips every stage and reports the same numbers.
+    logs.clear()
+    again = run(config, out, ray_executor, log=logs.append)
+    skipped = {line.split("]")[0].lstrip("[") for line in logs if "up to date, skipped" in line}
+    assert skipped == {"data", "initial", "attribution", "partition", "prune", "f_ft"}
+    assert not any(line.endswith(" s") and "done in" in line for line in logs)
+    assert again["routes"]["f_ft"]["accuracy"] == report["routes"]["f_ft"]["accuracy"]
+
+    # --from partition reruns partition and what follows it, nothing before.
+    before = {s: storage.read_manifest(storage.join(out, s))["finished_at"] for s in ("data", "initial", "attribution")}
+    logs.clear()
+    run(config, out, ray_executor, from_stage="partition", log=logs.append)
+    done = {line.split("]")[0].lstrip("[") for line in logs if "] done in" in line}
+    assert done == {"partition", "prune", "f_ft"}
+    after = {s: storage.read_manifest(storage.join(out, s))["finished_at"] for s in before}
+    assert after == before
