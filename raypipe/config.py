@@ -172,6 +172,44 @@ class PartitionConfig:
 
 
 @dataclass(frozen=True)
+class DetectionConfig:
+    """Which per-sample signal decides the partition (METHOD.md: once a model has memorized its noisy
+    labels, the paper's attribution is at chance and the loss nearly so; neighbour label agreement in
+    the probe space and the training trajectory still see the noise).
+
+    signal:
+    - attribution: the 2-component mixture on the attribution vectors (attribution.rule), as in RLAP;
+    - knn: 1 - agreement of the k nearest neighbours' given labels in the probe space;
+    - trajectory: -AUM (area under the margin) over the first aum_epochs of the initial training,
+      only when raypipe trained the initial model;
+    - auto: every available signal (attribution p_noisy, loss, knn, trajectory) combined without
+      ground truth by raypipe.detection.combine_signals (consensus of signals, else the best separated).
+    Every signal but `attribution` is turned into p_noisy by a per-class decision (`decision`), so
+    noise that moves one class into a partner class is judged against that class's own baseline.
+    """
+
+    signal: Literal["attribution", "knn", "trajectory", "auto"] = "auto"
+    k: int = 30
+    class_balanced: bool = True
+    # The kNN reference set is a uniform sample of at most this many rows (exact when N is smaller).
+    max_reference: int = 100_000
+    # mixture: per-class 2-component mixtures (global fallback); threshold: confident learning's
+    # per-class mean threshold; global: one mixture over all samples.
+    decision: Literal["mixture", "threshold", "global"] = "mixture"
+    # Trajectory recording during initial training: margins of the first aum_epochs epochs (an eval
+    # pass over the training set at the end of each), and the loss at the end of epoch
+    # early_loss_epoch (1-based; METHOD.md measured AUROC 0.99 at epoch 3 on symmetric noise).
+    aum_epochs: int = 10
+    early_loss_epoch: int = 3
+
+    def validate(self) -> None:
+        _check(self.k >= 1, "detection.k", "must be >= 1")
+        _check(self.max_reference >= 10, "detection.max_reference", "must be >= 10")
+        _check(self.aum_epochs >= 0, "detection.aum_epochs", "must be >= 0 (0 = do not record)")
+        _check(self.early_loss_epoch >= 1, "detection.early_loss_epoch", "must be >= 1 (1-based epoch)")
+
+
+@dataclass(frozen=True)
 class PruneConfig:
     # Share of probe neurons pruned (the paper: 40 of 256 = 0.156). 0 disables pruning.
     fraction: float = 0.156
@@ -300,6 +338,7 @@ class Config:
     f_ft: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=1e-4))
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)

