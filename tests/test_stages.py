@@ -1,0 +1,96 @@
+"""Stage functions in-process (no Ray): trajectory recording during training, and the partition
+stage's detection signals."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from raypipe import storage
+from raypipe.config import load_config
+from raypipe.detection import margins_and_losses
+from raypipe.executor import LocalExecutor
+from raypipe.models import load_model
+from raypipe.pipeline import run
+from raypipe.stages import prepare
+from raypipe.stages.train import TrainRequest, train_local
+from raypipe.tables import columns_from_table
+from raypipe.training import predict_logits
+
+QUIET = {"log": lambda *_: None}
+
+
+@pytest.fixture(scope="module")
+def data_uri(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("data"))
+    config = load_config(None, ["data.max_train_samples=300"])
+    prepare.run(config, out, **QUIET)
+    return out, config
+
+
+def _train(data_uri, config, out, epochs, trajectory_epochs):
+    cfg = load_config(None, [f"initial.epochs={epochs}"]).initial
+    request = TrainRequest(
+        "initial", cfg, data_uri, out, config.model, 0, trajectory_epochs=trajectory_epochs, early_loss_epoch=1
+    )
+    train_local(request, **QUIET)
+    model, _, _ = load_model(storage.join(out, "model.pt"))
+    return model
+
+
+def test_recorded_trajectory_equals_recomputation_from_checkpoints(data_uri, tmp_path):
+    """AUM recorded during 2 epochs = mean of the margins of the epoch-1 and epoch-2 models, recomputed from
+    their checkpoints (training is seeded, so the 1-epoch run is the 2-epoch run's first epoch)."""
+    uri, config = data_uri
+    train = prepare.read_split(uri, "train")
+    model_1 = _train(uri, config, str(tmp_path / "e1"), epochs=1, trajectory_epochs=0)
+    model_2 = _train(uri, config, str(tmp_path / "e2"), epochs=2, trajectory_epochs=2)
+    margins, losses = [], []
+    for model in (model_1, model_2):
+        m, loss = margins_and_losses(predict_logits(model, train.x, 512, "cpu"), train.label)
+        margins.append(m)
+        losses.append(loss)
+    recorded = columns_from_table(storage.read_table(str(tmp_path / "e2" / "trajectory" / "rank-000.parquet")))
+    assert np.array_equal(recorded["sample_id"], train.sample_id)
+    np.testing.assert_allclose(recorded["aum"], (margins[0] + margins[1]) / 2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(recorded["early_loss"], losses[0], rtol=1e-5, atol=1e-5)
+    # Not recorded when not asked for.
+    assert not storage.exists(str(tmp_path / "e1" / "trajectory"))
+
+
+@pytest.fixture(scope="module")
+def memorized_run(tmp_path_factory):
+    """Digits, 40% symmetric noise, a model trained until it fits most of its wrong labels."""
+    out = str(tmp_path_factory.mktemp("memorized") / "run")
+    overrides = ["initial.epochs=150", "initial.lr=0.003", "attribution.rule=grad_x_act_maxclass", "run.routes=[]"]
+    run(load_config(None, [*overrides, "detection.signal=auto"]), out, LocalExecutor(**QUIET), **QUIET)
+    return out, overrides
+
+
+@pytest.mark.parametrize("signal", ["attribution", "knn", "trajectory", "auto"])
+def test_partition_signals_on_a_memorized_model(memorized_run, tmp_path, signal):
+    """The label-blind attribution is near chance on a memorized model; neighbour agreement and the
+    training trajectory still find the noise. Only the partition reruns per signal."""
+    base, overrides = memorized_run
+    out = str(tmp_path / "run")
+    shutil.copytree(base, out)
+    logs: list[str] = []
+    report = run(
+        load_config(None, [*overrides, f"detection.signal={signal}"]), out, LocalExecutor(**QUIET), log=logs.append
+    )
+    assert any("[initial] up to date, skipped" in line for line in logs)
+    assert report["routes"]["initial"]["train_accuracy_given_labels"] > 0.9  # memorized the noisy labels
+    det = report["detection"]
+    assert det["signals_used"]["signal"] == signal
+    by_signal = det["auroc_by_signal"]
+    assert by_signal["aum"] > 0.9  # the trajectory is recorded whatever the signal
+    if signal == "attribution":
+        assert det["auroc"] < 0.75  # the paper's rule cannot see label noise in a memorized model
+    else:
+        assert det["auroc"] > 0.9 and det["f1"] > 0.8, det
+    issues = columns_from_table(storage.read_table(str(tmp_path / "run" / "partition" / "label_issues.parquet")))
+    assert len(issues["sample_id"]) == report["partition"]["n_noisy"]
+    assert np.all(np.diff(issues["p_noisy"]) <= 0)  # most suspect first
+    assert set(issues["flagged_by"]) <= {signal}
