@@ -24,7 +24,7 @@ QUICK = ["data.shard_rows=300", "initial.epochs=60", "f_ft.epochs=10", "run.rout
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
 
