@@ -1,6 +1,7 @@
 """`raypipe run` / `raypipe sweep`: log the config, build, run, clean up.
 
 raypipe run --out runs/digits [--config jobs/configs/digits.yaml] [noise.rate=0.4 ...]
+raypipe sweep --out runs/digits-sweep [--config jobs/configs/digits_sweep.yaml] [sweep.num_samples=8 ...]
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--from", dest="from_stage", default=None, help="rerun this stage and everything after it")
     run.add_argument("overrides", nargs="*", help="section.key=value settings, e.g. noise.rate=0.4")
     run.add_argument("--default", action="append", default=[], help=argparse.SUPPRESS)  # a job's own defaults
+    sweep = sub.add_parser("sweep", help="Ray Tune search over tau, prune fraction, rule, route, lr, epochs (resumes)")
+    sweep.add_argument("--out", required=True, help="sweep directory: a local path, s3://... or gs://...")
+    sweep.add_argument("--config", default=None, help="YAML config file with a `sweep:` section")
+    sweep.add_argument("overrides", nargs="*", help="section.key=value settings, e.g. sweep.num_samples=8")
+    sweep.add_argument("--default", action="append", default=[], help=argparse.SUPPRESS)
     return parser
 
 
@@ -33,11 +39,22 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def sweep_command(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides, args.default)
+    print("raypipe config:\n" + dump_config(config), flush=True)
+    from raypipe.distributed.sweep import run_sweep
+
+    run_sweep(config, args.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
             return run_command(args)
+        if args.command == "sweep":
+            return sweep_command(args)
     except RaypipeError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -228,20 +228,39 @@ class RayConfig:
     max_actors: int = 0
     # Ray Train data-parallel workers; 0 = sized from the cluster.
     num_workers: int = 0
-    # Use GPUs when the cluster has them.
-    use_gpu: bool = True
+    # GPUs for the attribution actors and the Train workers. auto: when the cluster has them, else CPU;
+    # true: required, the run stops before any work when the cluster has fewer GPUs than the actors /
+    # workers need (none at all included); false: CPU only.
+    use_gpu: bool | Literal["auto"] = "auto"
     # Ray Train retries of a failed worker group (resumes from the latest checkpoint).
     max_failures: int = 2
     # A Train worker keeps its data shard in memory after the first epoch when the shard is at most
     # this big, instead of streaming it from Ray Data again every epoch (each pass over a Ray Data
     # shard costs seconds of start-up: dominant for small data). 0 = always stream.
     worker_cache_mb: int = 2048
+    # Name of a custom node resource (declared on the worker nodes, e.g. `ray start
+    # --resources='{"raypipe_worker": 1}'`). When set, attribution actors, per-shard tasks and Ray
+    # Train workers each ask for 0.01 of it, so they run only on nodes that declare it (never on a
+    # head without it), and the plan is sized from those nodes. None = anywhere in the cluster.
+    worker_resource: str | None = None
 
     def validate(self) -> None:
         _check(self.max_actors >= 0, "ray.max_actors", "must be >= 0")
         _check(self.num_workers >= 0, "ray.num_workers", "must be >= 0")
         _check(self.max_failures >= 0, "ray.max_failures", "must be >= 0")
         _check(self.worker_cache_mb >= 0, "ray.worker_cache_mb", "must be >= 0")
+        if self.worker_resource is not None:
+            name = self.worker_resource
+            _check(
+                bool(name.strip()) and name == name.strip(),
+                "ray.worker_resource",
+                f"{name!r} is not a resource name; use e.g. ray.worker_resource=raypipe_worker",
+            )
+            _check(
+                name not in ("CPU", "GPU", "memory", "object_store_memory") and not name.startswith("node:"),
+                "ray.worker_resource",
+                f"'{name}' is a built-in Ray resource; name a custom one declared with `ray start --resources`",
+            )
 
 
 @dataclass(frozen=True)

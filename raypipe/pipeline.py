@@ -22,6 +22,8 @@ from typing import Any
 from raypipe import storage
 from raypipe.config import Config, dump_config
 from raypipe.errors import ConfigError
+from raypipe.models import _check_signature as check_signature
+from raypipe.models import _saved_signature as saved_signature
 from raypipe.models import load_model, model_signature, save_model
 from raypipe.stages import attribute, partition, prepare, prune
 from raypipe.stages.train import TrainRequest
@@ -85,6 +87,20 @@ def _settings(obj: Any) -> Any:
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
 
 
+def check_given_checkpoint(cfg: Config) -> None:
+    """`model.checkpoint` exists, loads safely (weights only) and has the configured architecture, probe
+    width and hidden width. The input shape and class count are checked by `initial` once the data is known."""
+    uri = cfg.model.checkpoint
+    if not storage.exists(uri):
+        raise ConfigError(
+            f"config key 'model.checkpoint': '{uri}' does not exist; point it at a raypipe checkpoint (model.pt) "
+            "or unset it to train the initial model"
+        )
+    saved = saved_signature(storage.load_torch(uri), uri)
+    expect = {**saved, **{k: getattr(cfg.model, k) for k in ("name", "probe_width", "hidden_width")}}
+    check_signature(saved, expect, uri)
+
+
 def run(config: Config, run_uri: str, executor=None, from_stage: str | None = None, log=print) -> dict[str, Any]:
     """Run (or resume) the whole RLAP pipeline under `run_uri`; return the report."""
     from raypipe.executor import LocalExecutor
@@ -92,6 +108,8 @@ def run(config: Config, run_uri: str, executor=None, from_stage: str | None = No
 
     executor = executor or LocalExecutor(log)
     cfg = config
+    if cfg.model.checkpoint is not None:
+        check_given_checkpoint(cfg)  # before anything is written: a wrong checkpoint fails the run at once
     storage.makedirs(run_uri)
     storage.write_bytes(storage.join(run_uri, "config.yaml"), dump_config(cfg).encode())
     p = Pipeline(cfg, run_uri, executor, from_stage, log)
@@ -105,7 +123,8 @@ def run(config: Config, run_uri: str, executor=None, from_stage: str | None = No
     signature = model_signature(cfg.model, shape, n_classes)
 
     # The training trajectory is a detection signal when raypipe trains the initial model itself.
-    records_trajectory = cfg.detection.signal in ("trajectory", "auto") and cfg.model.checkpoint is None
+    # Recorded whatever detection.signal says, so that changing the signal reruns only the partition.
+    records_trajectory = cfg.detection.aum_epochs > 0 and cfg.model.checkpoint is None
 
     def request(route: str, out_uri: str, init: str | None, partition_uri: str | None) -> TrainRequest:
         trajectory = route == "initial" and records_trajectory

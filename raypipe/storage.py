@@ -9,10 +9,12 @@ object appears only when its upload completes).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import re
 import uuid
 from typing import Any
 
@@ -79,11 +81,16 @@ def write_bytes(uri: str, data: bytes) -> None:
     fs.create_dir(parent, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:  # a failed write leaves neither the target nor a stray temporary file
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
     else:
         with fs.open_output_stream(path) as f:
             f.write(data)
@@ -140,6 +147,13 @@ def load_torch(uri: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for bad files
+        found = re.search(r"GLOBAL ([\w.]+)", str(e)) if "Weights only load failed" in str(e) else None
+        if found:  # torch's own first line would suggest weights_only=False: never the advice here
+            raise CheckpointError(
+                f"checkpoint '{uri}' cannot be loaded safely: it holds the Python object '{found.group(1)}', and "
+                "raypipe loads only tensors and plain containers (torch.load(weights_only=True)); re-save it with "
+                "raypipe (model.pt) from a trusted copy"
+            ) from None
         raise CheckpointError(f"checkpoint '{uri}' cannot be loaded safely: {str(e).splitlines()[0]}") from None
 
 

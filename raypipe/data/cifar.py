@@ -43,6 +43,10 @@ SAFE_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a global outside SAFE_GLOBALS (a corrupt pickle raises other errors)."""
+
+
 class SafeUnpickler(pickle.Unpickler):
     """Unpickler that resolves only SAFE_GLOBALS: plain containers and numpy arrays, no code."""
 
@@ -50,14 +54,14 @@ class SafeUnpickler(pickle.Unpickler):
         try:
             return SAFE_GLOBALS[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed") from None
+            raise RefusedGlobal(f"global '{module}.{name}' is not allowed") from None
 
 
 def safe_load_pickle(path: Path) -> Any:
     try:
         with open(path, "rb") as f:
             return SafeUnpickler(f, encoding="bytes").load()
-    except pickle.UnpicklingError as e:
+    except RefusedGlobal as e:
         raise DataError(f"cifar10 file '{path}' was refused: {e} (a CIFAR batch holds only arrays and lists)") from None
     except Exception as e:  # truncated or garbage: EOFError, ValueError, TypeError, ...
         raise DataError(f"cifar10 file '{path}' is not a readable CIFAR batch ({type(e).__name__}: {e})") from None

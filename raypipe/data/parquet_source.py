@@ -33,6 +33,8 @@ def read_parquet_table(path: str, columns: list[str], optional: list[str]) -> pa
     try:
         if "://" in path:
             filesystem, inner = pafs.FileSystem.from_uri(path)
+            if filesystem.get_file_info(inner).type == pafs.FileType.NotFound:
+                raise DataError(f"parquet: data.path '{path}' does not exist; point data.path at a file or directory")
         else:
             if not Path(path).exists():
                 raise DataError(f"parquet: data.path '{path}' does not exist; point data.path at a file or directory")

@@ -23,6 +23,11 @@ import ray
 from raypipe import storage
 from raypipe.config import Config
 from raypipe.distributed.resources import Plan, plan_resources
+from raypipe.errors import RaypipeError
+
+# What each actor, task and Train worker asks of `ray.worker_resource`: a token amount, so a node
+# declaring 1 unit of it holds up to 100 of them; CPUs and GPUs stay the real limits.
+WORKER_RESOURCE_AMOUNT = 0.01
 
 
 def init_ray(address: str | None, log=print) -> None:
@@ -32,10 +37,33 @@ def init_ray(address: str | None, log=print) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     # Ray Train V2's controller collects each epoch's report when it polls the workers (every 2 s by
     # default), and report() is a barrier: with short epochs that poll dominated the wall time.
-    # Processes of a local cluster inherit this; on a cluster set it in the runtime_env.
+    # Ray Train passes this variable from the driver to its controller and workers, on any cluster.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     ray.init(address=address, log_to_driver=True, logging_level="WARNING")
     log(f"[ray] connected: {ray.cluster_resources()}")
+
+
+def placement_resources(worker_resource: str | None) -> dict[str, float]:
+    """Custom resources every actor / task / Train worker asks for: {} or {worker_resource: 0.01}."""
+    return {worker_resource: WORKER_RESOURCE_AMOUNT} if worker_resource else {}
+
+
+def schedulable_resources(worker_resource: str | None) -> dict[str, float]:
+    """What the work may use: the whole cluster, or the alive nodes that declare `worker_resource`."""
+    if not worker_resource:
+        return ray.cluster_resources()
+    total: dict[str, float] = {}
+    for node in ray.nodes():
+        resources = node.get("Resources", {})
+        if node.get("Alive") and resources.get(worker_resource, 0.0) >= WORKER_RESOURCE_AMOUNT:
+            for key in ("CPU", "GPU", worker_resource):
+                total[key] = total.get(key, 0.0) + float(resources.get(key, 0.0))
+    if not total:
+        raise RaypipeError(
+            f"ray.worker_resource='{worker_resource}' but no alive node of the cluster declares it; start the "
+            f"worker nodes with `ray start ... --resources='{{\"{worker_resource}\": 1}}'` or unset ray.worker_resource"
+        )
+    return total
 
 
 class _ShardActor:
@@ -62,12 +90,13 @@ class RayExecutor:
         self.config = config
         self.log = log
         init_ray(config.ray.address, log)
-        self.plan: Plan = plan_resources(ray.cluster_resources(), config.ray)
-        log(f"[ray] plan: {self.plan}")
+        self.placement = placement_resources(config.ray.worker_resource)
+        self.plan: Plan = plan_resources(schedulable_resources(config.ray.worker_resource), config.ray)
+        log(f"[ray] plan: {self.plan}" + (f", on nodes with '{config.ray.worker_resource}'" if self.placement else ""))
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], desc: str = "") -> list[Any]:
         items = list(items)
-        remote = ray.remote(_call).options(num_cpus=self.plan.cpus_per_task)
+        remote = ray.remote(_call).options(num_cpus=self.plan.cpus_per_task, resources=self.placement)
         fn_ref = ray.put(fn)
         refs = [remote.remote(fn_ref, item) for item in items]
         start, done, last = time.perf_counter(), 0, 0.0
@@ -95,6 +124,7 @@ class RayExecutor:
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors),
             num_cpus=plan.cpus_per_actor,
             num_gpus=plan.gpus_per_actor,
+            resources=self.placement,
         )
         rows = 0
         for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
@@ -106,7 +136,15 @@ class RayExecutor:
 
         data_summary = storage.read_manifest(request.data_uri)["summary"]
         ray_cfg = self.config.ray
-        return train_on_ray(request, self.plan, data_summary, ray_cfg.max_failures, ray_cfg.worker_cache_mb, self.log)
+        return train_on_ray(
+            request,
+            self.plan,
+            data_summary,
+            ray_cfg.max_failures,
+            ray_cfg.worker_cache_mb,
+            self.log,
+            placement=self.placement,
+        )
 
     def close(self) -> None:
         pass  # the cluster outlives the job; a local Ray started here ends with the process

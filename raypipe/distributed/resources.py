@@ -35,7 +35,14 @@ def plan_resources(resources: dict[str, float], cfg: RayConfig) -> Plan:
     gpus = float(resources.get("GPU", 0.0))
     if cpus < 1:
         raise RaypipeError(f"the Ray cluster has {cpus} CPUs; raypipe needs at least 1")
-    use_gpu = cfg.use_gpu and gpus >= 1
+    if cfg.use_gpu is True and gpus < max(cfg.max_actors, cfg.num_workers, 1):
+        asked = max(cfg.max_actors, cfg.num_workers, 1)
+        raise RaypipeError(
+            f"config key 'ray.use_gpu': true needs {asked} GPU(s) (one per attribution actor / Train worker) but the "
+            f"Ray cluster has {gpus:g}; run on a cluster with GPUs, or set ray.use_gpu=auto (GPUs when present) "
+            "or false"
+        )
+    use_gpu = cfg.use_gpu is not False and gpus >= 1
     if use_gpu:
         max_actors = cfg.max_actors or int(gpus)
         num_workers = cfg.num_workers or int(gpus)

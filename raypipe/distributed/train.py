@@ -43,6 +43,13 @@ from raypipe.training import (
 
 CKPT_FILE = "state.pt"
 
+# Test hook (tests/test_reliability.py), inert unless set on the driver: RAYPIPE_TEST_KILL_WORKER=<route>:<epoch>:<dir>
+# makes the last-rank Train worker of <route> exit abruptly (os._exit) after the first batch of <epoch> (1-based),
+# once: it leaves <dir>/killed-<route> first, so the restarted worker group trains through. Every worker of that
+# route appends "start <rank> <first epoch> <unix time>" and "epoch <rank> <epoch> <unix time>" lines to
+# <dir>/<route>.log.
+TEST_KILL_ENV = "RAYPIPE_TEST_KILL_WORKER"
+
 
 def _request_from_dict(d: dict[str, Any]) -> TrainRequest:
     return TrainRequest(**{**d, "train": TrainConfig(**d["train"]), "model": ModelConfig(**d["model"])})
@@ -73,6 +80,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _unwrap(model).load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
         start_epoch, seconds_train = state["epoch"], state["seconds_train"]
+    hook = _KillHook.parse(loop_config.get("test_kill"), request.route, rank, context.get_world_size())
+    if hook is not None:
+        hook.log(f"start {rank} {start_epoch + 1}")
 
     shard = ray.train.get_dataset_shard("train")
     data = _WorkerShard(shard, shape, request, loop_config["cache_bytes"])
@@ -80,6 +90,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, request.train.epochs):
         start = time.perf_counter()
         batches = data.batches(epoch)
+        if hook is not None:
+            batches = hook.wrap(batches, epoch + 1)
         metrics = train_epoch(model, batches, optimizer, request.route, device)
         elapsed = time.perf_counter() - start
         seconds_train += elapsed
@@ -148,14 +160,69 @@ class _WorkerShard:
         return self._first_pass(epoch)
 
 
+class _KillHook:
+    """The TEST_KILL_ENV test hook, for one worker of the route it names (None for every other route)."""
+
+    def __init__(self, epoch: int, directory: str, route: str, rank: int, is_victim: bool):
+        self.epoch, self.directory, self.route, self.rank, self.is_victim = epoch, directory, route, rank, is_victim
+        self.marker = os.path.join(directory, f"killed-{route}")
+
+    @classmethod
+    def parse(cls, spec: str | None, route: str, rank: int, world_size: int) -> _KillHook | None:
+        if not spec:
+            return None
+        target, epoch, directory = spec.split(":", 2)
+        return cls(int(epoch), directory, route, rank, rank == world_size - 1) if target == route else None
+
+    def log(self, line: str) -> None:
+        with open(os.path.join(self.directory, f"{self.route}.log"), "a") as f:
+            f.write(f"{line} {time.time():.3f}\n")
+
+    def wrap(self, batches, epoch: int):
+        self.log(f"epoch {self.rank} {epoch}")
+        if epoch != self.epoch or not self.is_victim or os.path.exists(self.marker):
+            return batches
+        return self._die_after_first(batches)
+
+    def _die_after_first(self, batches):
+        for batch in batches:
+            yield batch
+            break
+        with open(self.marker, "w") as f:
+            f.write(f"rank {self.rank} killed in epoch {self.epoch}\n")
+        # Wait until the controller has collected the last epoch's report (it polls the workers every
+        # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so the restart resumes from that epoch's checkpoint.
+        deadline = time.monotonic() + 30.0
+        try:
+            from ray.train.v2._internal.execution.context import get_train_context
+
+            queue = get_train_context().get_result_queue()
+            while not queue.empty() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(1.0)  # the rest of that poll round (rank 0's report holds the checkpoint)
+        except Exception:  # another Train version: give the controller a few polls instead
+            time.sleep(5.0)
+        os._exit(1)
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
 def train_on_ray(
-    request: TrainRequest, plan: Plan, data_summary: dict[str, Any], max_failures: int, cache_mb: int, log=print
+    request: TrainRequest,
+    plan: Plan,
+    data_summary: dict[str, Any],
+    max_failures: int,
+    cache_mb: int,
+    log=print,
+    placement: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Run `request` on a TorchTrainer; return the same metrics as `train_local`."""
+    """Run `request` on a TorchTrainer; return the same metrics as `train_local`.
+
+    `placement`: custom resources each worker asks for on top of CPU / GPU (`ray.worker_resource`),
+    which confines the workers to the nodes that declare them.
+    """
     from raypipe.models import load_model
 
     start = time.perf_counter()
@@ -176,11 +243,16 @@ def train_on_ray(
             "num_classes": data_summary["num_classes"],
             "cpus_per_worker": plan.cpus_per_worker,
             "cache_bytes": cache_mb * 2**20,
+            "test_kill": os.environ.get(TEST_KILL_ENV),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan.num_workers,
             use_gpu=plan.use_gpu,
-            resources_per_worker={"CPU": plan.cpus_per_worker, **({"GPU": 1.0} if plan.use_gpu else {})},
+            resources_per_worker={
+                "CPU": plan.cpus_per_worker,
+                **({"GPU": 1.0} if plan.use_gpu else {}),
+                **(placement or {}),
+            },
         ),
         run_config=ray.train.RunConfig(
             name=request.route,

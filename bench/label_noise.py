@@ -1,0 +1,287 @@
+"""Label noise on Fashion-MNIST: symmetric 20 / 40 / 60% and asymmetric (class-pair) 40%, the Initial
+model trained until it fits its noisy labels; every detection rule raypipe has, the repair routes,
+and the gap each closes towards the Oracle (a fresh model on the truly clean samples).
+
+Per noise setting, one base run (detection.signal=auto, which needs the training trajectory, so it
+trains the Initial model) and variants that reuse its stages:
+- detection.signal=trajectory: data, initial (with its trajectory) and attribution copied, skipped;
+- detection.signal=knn and detection.signal=attribution with attribution.rule in
+  {grad_x_act_maxclass, grad_x_act_label, loss}: data copied (skipped), the base's Initial model
+  given as model.checkpoint (so the same model is repaired; no retraining).
+
+gap closed = (repaired accuracy - Initial) / (Oracle - Initial), clean test split, last epoch.
+
+    .venv/bin/python bench/label_noise.py [--quick] [--n 4000] [--epochs 80]
+"""
+
+from __future__ import annotations
+
+import time
+
+import common as C
+
+NOISES = {
+    "sym20": ["noise.kind=symmetric", "noise.rate=0.2"],
+    "sym40": ["noise.kind=symmetric", "noise.rate=0.4"],
+    "sym60": ["noise.kind=symmetric", "noise.rate=0.6"],
+    "asym40": ["noise.kind=asymmetric", "noise.rate=0.4", "noise.pairs=dataset"],
+}
+# (row name, overrides, how it shares the base run, routes)
+VARIANTS = [
+    ("trajectory", ["detection.signal=trajectory"], ("data", "initial", "attribution"), False),
+    ("knn", ["detection.signal=knn"], ("data",), True),
+    (
+        "attr:grad_x_act_maxclass",
+        ["detection.signal=attribution", "attribution.rule=grad_x_act_maxclass"],
+        ("data",),
+        True,
+    ),
+    ("attr:grad_x_act_label", ["detection.signal=attribution", "attribution.rule=grad_x_act_label"], ("data",), True),
+    ("attr:loss", ["detection.signal=attribution", "attribution.rule=loss"], ("data",), True),
+]
+WITH_RETRAIN = {"auto", "knn"}  # Retrain (at the Initial's epoch budget) is run for these rows only (time)
+
+
+def gap(acc: float, initial: float, oracle: float) -> float:
+    return (acc - initial) / (oracle - initial) if oracle != initial else float("nan")
+
+
+def main() -> None:
+    parser = C.quick_flag()
+    parser.add_argument("--n", type=int, default=4000, help="training samples (Fashion-MNIST subset)")
+    parser.add_argument("--epochs", type=int, default=80, help="Initial and Retrain epochs")
+    parser.add_argument("--model", default="mlp")
+    parser.add_argument("--noises", default=",".join(NOISES))
+    parser.add_argument("--merge", action="store_true", help="keep other noise settings from an earlier results file")
+    args = parser.parse_args()
+    C.set_threads(args.threads)
+    started, load_start = time.perf_counter(), C.loadavg()
+    C.ensure_fashion_mnist()
+    if args.quick:
+        n, epochs, ft_epochs, noises, variants = (
+            1000,
+            3,
+            1,
+            ["sym40"],
+            [v for v in VARIANTS if v[0] in ("knn", "attr:loss")],
+        )
+    else:
+        n, epochs, ft_epochs, noises, variants = args.n, args.epochs, 5, args.noises.split(","), VARIANTS
+    common = [
+        f"data.max_train_samples={n}",
+        "data.shard_rows=2048",
+        f"model.name={args.model}",
+        f"initial.epochs={epochs}",
+        "initial.batch_size=64",
+        f"retrain.epochs={epochs}",
+        "retrain.batch_size=64",
+        f"l_ft.epochs={ft_epochs}",
+        f"f_ft.epochs={ft_epochs}",
+        "attribution.rule=loss",
+        "run.executor=local",
+    ]
+    params = {
+        "dataset": "fashion-mnist subset, official 10k test split (clean)",
+        "train_samples": n,
+        "model": args.model,
+        "initial/retrain/oracle": f"Adam lr 1e-3, batch 64, {epochs} epochs",
+        "l_ft": f"Adam lr 1e-3, batch 128, {ft_epochs} epochs",
+        "f_ft": f"Adam lr 1e-4, batch 128, {ft_epochs} epochs",
+        "prune.fraction": 0.156,
+        "partition.tau": 0.5,
+        "detection": "k=30, class_balanced, decision=mixture (defaults)",
+        "seeds": "run.seed=0, noise.seed=0, data.split_seed=0",
+        "torch_threads": args.threads,
+        "retrain_rows": sorted(WITH_RETRAIN),
+    }
+    out: dict[str, dict] = {}
+    for noise in noises:
+        base_dir = C.fresh_dir(C.RUNS / ("label_noise_quick" if args.quick else "label_noise") / noise / "auto")
+        log = C.log_to(base_dir.parent / "log.txt")
+        print(f"== {noise}: base run (auto)", C.loadavg(), flush=True)
+        base_over = [*common, *NOISES[noise]]
+        base = C.run_pipeline(
+            C.config([*base_over, "detection.signal=auto", "run.routes=[l_ft,f_ft,retrain]"]), base_dir, log
+        )
+        orc = C.oracle(C.config(base_over), base_dir, log)
+        init = base["routes"]["initial"]
+        rows = {"auto": {"report": base, "skipped": []}}
+        for name, over, share, ckpt in variants:
+            print(f"== {noise}: {name}", C.loadavg(), flush=True)
+            routes = "[l_ft,f_ft,retrain]" if name in WITH_RETRAIN else "[l_ft,f_ft]"
+            rep, skipped = C.run_variant(
+                base_dir,
+                base_dir.parent / name.replace(":", "_"),
+                [*base_over, *over, f"run.routes={routes}"],
+                log,
+                share,
+                ckpt,
+            )
+            rows[name] = {"report": rep, "skipped": skipped}
+        retrain_s = base["routes"]["retrain"]["seconds_total"]
+        res = {
+            "initial": init,
+            "oracle": orc,
+            "rows": {},
+            "retrain_seconds_auto": retrain_s,
+            "epochs": epochs,
+            "n_corrupted": base["data"]["n_corrupted"],
+            "n_train": base["data"]["rows"]["train"],
+        }
+        for name, r in rows.items():
+            rep = r["report"]
+            det = rep.get("detection", {})
+            rt = rep["routes"]
+            res["rows"][name] = {
+                "precision": det.get("precision"),
+                "recall": det.get("recall"),
+                "f1": det.get("f1"),
+                "auroc": det.get("auroc"),
+                "n_flagged": det.get("n_flagged"),
+                "n_corrupted": det.get("n_corrupted"),
+                "auroc_by_signal": det.get("auroc_by_signal"),
+                "signals_used": det.get("signals_used"),
+                "l_ft": rt["l_ft"]["accuracy"],
+                "f_ft": rt["f_ft"]["accuracy"],
+                "retrain": rt.get("retrain", {}).get("accuracy"),
+                "gap_l_ft": gap(rt["l_ft"]["accuracy"], init["accuracy"], orc["accuracy"]),
+                "gap_f_ft": gap(rt["f_ft"]["accuracy"], init["accuracy"], orc["accuracy"]),
+                "gap_retrain": gap(rt["retrain"]["accuracy"], init["accuracy"], orc["accuracy"])
+                if "retrain" in rt
+                else None,
+                "repair_seconds_f_ft": rt["f_ft"]["seconds_total"],
+                "repair_seconds_l_ft": rt["l_ft"]["seconds_total"],
+                "retrain_seconds": rt.get("retrain", {}).get("seconds_total"),
+                "stages_seconds": rep["stages_seconds"],
+                "stages_cpu_seconds": rep.get("stages_cpu_seconds"),
+                "stages_skipped": r["skipped"],
+            }
+        out[noise] = res
+        name = "label_noise" + ("_quick" if args.quick else "")
+        merged = dict(out)
+        prev = C.RESULTS / f"{name}.json"
+        if args.merge and prev.exists():  # keep the noise settings an earlier invocation measured
+            import json
+
+            old = json.loads(prev.read_text())
+            merged = {**old.get("results", {}), **out}
+            params["merged_from_earlier_invocation"] = sorted(set(old.get("results", {})) - set(out))
+        ordered = {k: merged[k] for k in NOISES if k in merged}
+        C.write_results(
+            name,
+            "Label noise: detection and repair",
+            _goals_md(ordered) + _render(ordered),
+            {"results": ordered},
+            params,
+            started,
+            load_start,
+        )
+
+
+def _cpu_ratio(cpu: dict, cpu_auto: dict) -> str:
+    """Repair (attribution + partition + prune + fine-tuning) over Retrain, in this process's CPU seconds."""
+    if "retrain" not in cpu_auto or "l_ft" not in cpu:
+        return "—"
+    over = sum(cpu.get(s, 0.0) for s in ("attribution", "partition", "prune"))
+    return f"{(over + cpu['l_ft']) / cpu_auto['retrain']:.2f} / {(over + cpu['f_ft']) / cpu_auto['retrain']:.2f}"
+
+
+def _render(out: dict) -> str:
+    md = []
+    for noise, res in out.items():
+        init, orc = res["initial"], res["oracle"]
+        retrain_s = res["retrain_seconds_auto"]
+        cpu_auto = res["rows"]["auto"].get("stages_cpu_seconds") or {}
+        table = []
+        for name, row in res["rows"].items():
+            table.append(
+                [
+                    name,
+                    row["precision"],
+                    row["recall"],
+                    row["f1"],
+                    row["auroc"],
+                    row["l_ft"],
+                    row["f_ft"],
+                    row["retrain"],
+                    row["gap_l_ft"],
+                    row["gap_f_ft"],
+                    row["gap_retrain"],
+                    f"{row['repair_seconds_l_ft']:.1f} / {row['repair_seconds_f_ft']:.1f}",
+                    f"{row['repair_seconds_l_ft'] / retrain_s:.2f} / {row['repair_seconds_f_ft'] / retrain_s:.2f}",
+                    _cpu_ratio(row.get("stages_cpu_seconds") or {}, cpu_auto),
+                ]
+            )
+        md += [
+            f"## {noise}",
+            "",
+            f"Initial: test accuracy {init['accuracy']:.4f}, training accuracy on the given labels "
+            f"{init.get('train_accuracy_given_labels', float('nan')):.3f} after {res['epochs']} epochs "
+            f"({init['seconds_total']:.1f} s). Oracle (fresh model, {orc['n_train']} truly clean samples, same recipe): "
+            f"{orc['accuracy']:.4f}. Corrupted: {res['n_corrupted']} of {res['n_train']}. "
+            f"Retrain (auto split, {res['epochs']} epochs, the Initial's budget): {retrain_s:.1f} s.",
+            "",
+            C.md_table(
+                [
+                    "detector",
+                    "precision",
+                    "recall",
+                    "F1",
+                    "AUROC",
+                    "L-FT acc",
+                    "F-FT acc",
+                    "Retrain acc",
+                    "gap L-FT",
+                    "gap F-FT",
+                    "gap Retrain",
+                    "repair s L-FT / F-FT route",
+                    "repair / Retrain(auto) time L-FT / F-FT",
+                    "same, CPU seconds",
+                ],
+                table,
+                3,
+            ),
+            "",
+            "AUROC of each signal alone (auto row): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in (res["rows"]["auto"].get("auroc_by_signal") or {}).items()),
+            "",
+            "",
+        ]
+    return "\n".join(md)
+
+
+def _goals_md(out: dict) -> str:
+    lines = []
+    if "sym40" in out:
+        r = out["sym40"]
+        init, orc = r["initial"]["accuracy"], r["oracle"]["accuracy"]
+        best = max(r["rows"].items(), key=lambda kv: max(kv[1]["f_ft"], kv[1]["l_ft"]))
+        best_f1 = max(r["rows"].items(), key=lambda kv: kv[1]["f1"] or 0)
+        lines += [
+            "## Against the goals (sym 40%)",
+            "",
+            C.md_table(
+                ["goal", "measured", "met"],
+                [
+                    [
+                        "F-FT gap closed >= 0.8 and accuracy >= Initial + 5 points",
+                        f"best row `{best[0]}`: F-FT gap {best[1]['gap_f_ft']:.2f}, accuracy {best[1]['f_ft']:.4f} vs Initial "
+                        f"{init:.4f} ({100 * (best[1]['f_ft'] - init):+.1f} points), Oracle {orc:.4f}; "
+                        f"(L-FT: gap {best[1]['gap_l_ft']:.2f}, {best[1]['l_ft']:.4f})",
+                        best[1]["gap_f_ft"] >= 0.8 and best[1]["f_ft"] >= init + 0.05,
+                    ],
+                    [
+                        "detection F1 >= 0.90 with the best rule",
+                        f"best `{best_f1[0]}`: F1 {best_f1[1]['f1']:.3f}",
+                        (best_f1[1]["f1"] or 0) >= 0.90,
+                    ],
+                ],
+            ),
+            "",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
