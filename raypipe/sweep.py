@@ -569,7 +569,7 @@ def run_trial(
 
     A trial that ran before replays its finished epochs to `report` and continues after them (a
     finished one trains nothing). `train_remote(request)`, when given, runs the remaining epochs
-    elsewhere (Ray Train workers, which report themselves) instead of in this process. A setting
+    elsewhere (Ray Train workers) instead of in this process, and reports each of them. A setting
     that cannot work (e.g. a tau that leaves no clean samples) ends the trial as infeasible: one
     report with a NaN objective, and the reason in ``infeasible.json``.
     """
