@@ -108,6 +108,7 @@ def run(config: Config, run_uri: str, executor=None, from_stage: str | None = No
 
     executor = executor or LocalExecutor(log)
     cfg = config
+    run_uri = storage.absolute(run_uri)  # every stage, wherever it runs, writes under the same place
     if cfg.model.checkpoint is not None:
         check_given_checkpoint(cfg)  # before anything is written: a wrong checkpoint fails the run at once
     storage.makedirs(run_uri)

@@ -32,6 +32,11 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (Ray workers run in other working directories); URIs unchanged."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """URI -> (filesystem, path inside it)."""
     if "://" in uri:
