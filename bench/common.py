@@ -62,6 +62,13 @@ def machine() -> dict[str, Any]:
         info["ray"] = ray.__version__
     except ImportError:
         pass
+    try:  # the code measured: the commit, and whether raypipe/ had uncommitted changes
+        git = ["git", "-C", str(ROOT)]
+        info["git_commit"] = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "raypipe"], capture_output=True, text=True).stdout
+        info["raypipe_dirty"] = bool(dirty.strip())
+    except OSError:
+        pass
     try:
         with open("/proc/meminfo") as f:
             info["mem_total_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
@@ -322,7 +329,8 @@ def write_results(
         "",
         f"Command: `{command}` (wall {meta['wall_seconds']} s, finished {meta['finished_at']}).",
         f"Machine: {m['platform']}, {m['cpus']} CPUs, {m.get('mem_total_gib', '?')} GiB, torch {m['torch']} "
-        f"({m['torch_threads']} threads), ray {m.get('ray', '—')}, CUDA {m['cuda']}. "
+        f"({m['torch_threads']} threads), ray {m.get('ray', '—')}, CUDA {m['cuda']}; raypipe at "
+        f"{m.get('git_commit', '?')[:7]}{' (+uncommitted changes)' if m.get('raypipe_dirty') else ''}. "
         f"Load average (1/5/15 min) at start {load_start}, at end {meta['loadavg_end']} — the CPUs were shared "
         "with other jobs, so absolute seconds are noisy; ratios were measured back to back.",
         "",
