@@ -101,6 +101,62 @@ def check_given_checkpoint(cfg: Config) -> None:
     check_signature(saved, expect, uri)
 
 
+def train_request(
+    p: Pipeline, route: str, out_uri: str, init: str | None = None, partition_uri: str | None = None
+) -> TrainRequest:
+    """The training request of `route` under pipeline `p` (data from p's `data` stage)."""
+    cfg = p.config
+    # The training trajectory is a detection signal when raypipe trains the initial model itself.
+    # Recorded whatever detection.signal says, so that changing the signal reruns only the partition.
+    trajectory = route == "initial" and records_trajectory(cfg)
+    return TrainRequest(
+        route,
+        cfg.section(route),
+        p.uri("data"),
+        out_uri,
+        cfg.model,
+        cfg.run.seed,
+        partition_uri,
+        init,
+        cfg.run.device,
+        trajectory_epochs=cfg.detection.aum_epochs if trajectory else 0,
+        early_loss_epoch=cfg.detection.early_loss_epoch,
+    )
+
+
+def records_trajectory(cfg: Config) -> bool:
+    return cfg.detection.aum_epochs > 0 and cfg.model.checkpoint is None
+
+
+def data_and_initial(p: Pipeline, executor, log=print) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Stages 1 and 2, shared by `run` and the sweep's base: -> (data summary, model signature)."""
+    cfg = p.config
+    # 1. Data: source -> splits -> noise -> Parquet shards.
+    data = p.stage(
+        "data", {"data": _settings(cfg.data), "noise": _settings(cfg.noise)}, [], lambda uri: prepare.run(cfg, uri, log)
+    )["summary"]
+    signature = model_signature(cfg.model, tuple(data["sample_shape"]), data["num_classes"])
+
+    # 2. The model to repair: trained here to convergence on the noisy data, or given.
+    def initial_body(uri: str) -> dict[str, Any]:
+        if cfg.model.checkpoint is None:
+            return executor.train(train_request(p, "initial", uri))
+        model, _, extra = load_model(cfg.model.checkpoint, expect=signature)
+        save_model(storage.join(uri, "model.pt"), model, signature, extra)
+        test = prepare.read_split(p.uri("data"), "test")
+        return {**evaluate(model, test.x, test.label, resolve_device("cpu")), "given": cfg.model.checkpoint}
+
+    initial_settings = {
+        "trajectory": [cfg.detection.aum_epochs, cfg.detection.early_loss_epoch] if records_trajectory(cfg) else None,
+        "model": _settings(cfg.model),
+        "seed": cfg.run.seed,
+        "train": _settings(cfg.initial) if cfg.model.checkpoint is None else None,
+        "checkpoint_sha256": storage.file_digest(cfg.model.checkpoint) if cfg.model.checkpoint else None,
+    }
+    p.stage("initial", initial_settings, ["data"], initial_body)
+    return data, signature
+
+
 def run(config: Config, run_uri: str, executor=None, from_stage: str | None = None, log=print) -> dict[str, Any]:
     """Run (or resume) the whole RLAP pipeline under `run_uri`; return the report."""
     from raypipe.executor import LocalExecutor
@@ -116,50 +172,7 @@ def run(config: Config, run_uri: str, executor=None, from_stage: str | None = No
     p = Pipeline(cfg, run_uri, executor, from_stage, log)
     device = cfg.run.device
 
-    # 1. Data: source -> splits -> noise -> Parquet shards.
-    data = p.stage(
-        "data", {"data": _settings(cfg.data), "noise": _settings(cfg.noise)}, [], lambda uri: prepare.run(cfg, uri, log)
-    )["summary"]
-    shape, n_classes = tuple(data["sample_shape"]), data["num_classes"]
-    signature = model_signature(cfg.model, shape, n_classes)
-
-    # The training trajectory is a detection signal when raypipe trains the initial model itself.
-    # Recorded whatever detection.signal says, so that changing the signal reruns only the partition.
-    records_trajectory = cfg.detection.aum_epochs > 0 and cfg.model.checkpoint is None
-
-    def request(route: str, out_uri: str, init: str | None, partition_uri: str | None) -> TrainRequest:
-        trajectory = route == "initial" and records_trajectory
-        return TrainRequest(
-            route,
-            cfg.section(route),
-            p.uri("data"),
-            out_uri,
-            cfg.model,
-            cfg.run.seed,
-            partition_uri,
-            init,
-            device,
-            trajectory_epochs=cfg.detection.aum_epochs if trajectory else 0,
-            early_loss_epoch=cfg.detection.early_loss_epoch,
-        )
-
-    # 2. The model to repair: trained here to convergence on the noisy data, or given.
-    def initial_body(uri: str) -> dict[str, Any]:
-        if cfg.model.checkpoint is None:
-            return executor.train(request("initial", uri, None, None))
-        model, _, extra = load_model(cfg.model.checkpoint, expect=signature)
-        save_model(storage.join(uri, "model.pt"), model, signature, extra)
-        test = prepare.read_split(p.uri("data"), "test")
-        return {**evaluate(model, test.x, test.label, resolve_device("cpu")), "given": cfg.model.checkpoint}
-
-    initial_settings = {
-        "trajectory": [cfg.detection.aum_epochs, cfg.detection.early_loss_epoch] if records_trajectory else None,
-        "model": _settings(cfg.model),
-        "seed": cfg.run.seed,
-        "train": _settings(cfg.initial) if cfg.model.checkpoint is None else None,
-        "checkpoint_sha256": storage.file_digest(cfg.model.checkpoint) if cfg.model.checkpoint else None,
-    }
-    p.stage("initial", initial_settings, ["data"], initial_body)
+    data, _ = data_and_initial(p, executor, log)
     initial_model = storage.join(p.uri("initial"), "model.pt")
 
     # 3. Attribution, shard by shard (finished shards of an interrupted run are kept).
@@ -184,7 +197,7 @@ def run(config: Config, run_uri: str, executor=None, from_stage: str | None = No
             cfg.detection,
             cfg.run.seed,
             data["rows"]["train"],
-            n_classes,
+            data["num_classes"],
             trajectory_uri,
             executor,
             log,
@@ -210,7 +223,10 @@ def run(config: Config, run_uri: str, executor=None, from_stage: str | None = No
         if route == "retrain":
             settings["model"] = _settings(cfg.model)
         p.stage(
-            route, settings, inputs, lambda uri, r=route, i=init: executor.train(request(r, uri, i, p.uri("partition")))
+            route,
+            settings,
+            inputs,
+            lambda uri, r=route, i=init: executor.train(train_request(p, r, uri, i, p.uri("partition"))),
         )
 
     # 7. Report (always rewritten: it is cheap and reads only manifests and small files).

@@ -53,8 +53,8 @@ from raypipe.config import Config, SweepConfig, dump_config
 from raypipe.data import SampleSet
 from raypipe.errors import ConfigError, DataError, RaypipeError
 from raypipe.executor import LocalExecutor
-from raypipe.models import checkpoint_dict, load_model, model_signature, save_model
-from raypipe.pipeline import Pipeline
+from raypipe.models import checkpoint_dict, load_model, save_model
+from raypipe.pipeline import Pipeline, data_and_initial
 from raypipe.stages import partition, prepare, prune
 from raypipe.stages.train import TrainRequest, starting_model, training_samples
 from raypipe.training import evaluate, make_optimizer, resolve_device, train_epoch, trainable_parameters
@@ -276,42 +276,8 @@ def prepare_base(config: Config, sweep_uri: str, executor, log=print) -> dict[st
     storage.makedirs(sweep_uri)
     storage.write_bytes(storage.join(sweep_uri, "config.yaml"), dump_config(cfg).encode())
     p = Pipeline(cfg, lay.base, executor, log=log)
-    data_settings = {"data": _settings(cfg.data), "noise": _settings(cfg.noise)}
-    data = p.stage("data", data_settings, [], lambda uri: prepare.run(cfg, uri, log))["summary"]
-    shape, n_classes = tuple(data["sample_shape"]), data["num_classes"]
-    signature = model_signature(cfg.model, shape, n_classes)
-
-    # As `raypipe run` (raypipe.pipeline.run): the training trajectory, a detection signal, is recorded
-    # whenever raypipe trains the initial model, so that changing detection.signal reruns only partitions.
-    records_trajectory = cfg.detection.aum_epochs > 0 and cfg.model.checkpoint is None
-
-    def initial_body(uri: str) -> dict[str, Any]:
-        if cfg.model.checkpoint is None:
-            request = TrainRequest(
-                "initial",
-                cfg.initial,
-                lay.data,
-                uri,
-                cfg.model,
-                cfg.run.seed,
-                device=cfg.run.device,
-                trajectory_epochs=cfg.detection.aum_epochs if records_trajectory else 0,
-                early_loss_epoch=cfg.detection.early_loss_epoch,
-            )
-            return executor.train(request)
-        model, _, extra = load_model(cfg.model.checkpoint, expect=signature)
-        save_model(storage.join(uri, "model.pt"), model, signature, extra)
-        test = prepare.read_split(lay.data, "test")
-        return {**evaluate(model, test.x, test.label, resolve_device("cpu")), "given": cfg.model.checkpoint}
-
-    initial_settings = {
-        "trajectory": [cfg.detection.aum_epochs, cfg.detection.early_loss_epoch] if records_trajectory else None,
-        "model": _settings(cfg.model),
-        "seed": cfg.run.seed,
-        "train": _settings(cfg.initial) if cfg.model.checkpoint is None else None,
-        "checkpoint_sha256": storage.file_digest(cfg.model.checkpoint) if cfg.model.checkpoint else None,
-    }
-    p.stage("initial", initial_settings, ["data"], initial_body)
+    # The same data and initial stages (settings, fingerprints, bodies) as `raypipe run`'s.
+    data, _ = data_and_initial(p, executor, log)
     ran = [f"base/{s}" for s in p.ran]
 
     attributions = {}
