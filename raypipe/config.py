@@ -160,6 +160,9 @@ class PartitionConfig:
     # costs O(dims^2) per component and is ill-conditioned in high dimension).
     max_features: int = 32
     reg_covar: float = 1e-4
+    # A mixture component lighter than this is a few outliers, not a cluster: they are left out and
+    # the mixture refitted (raypipe.partition.fit_mixture).
+    min_component_weight: float = 0.01
     # Minimum share of the training set the clean side must keep to be fine-tuned on.
     min_clean_fraction: float = 0.05
 
@@ -168,6 +171,7 @@ class PartitionConfig:
         _check(self.max_fit_rows >= 10, "partition.max_fit_rows", "must be >= 10")
         _check(self.max_features >= 1, "partition.max_features", "must be >= 1")
         _check(self.reg_covar > 0, "partition.reg_covar", "must be > 0")
+        _check(0.0 <= self.min_component_weight < 0.5, "partition.min_component_weight", "must be in [0, 0.5)")
         _check(0.0 <= self.min_clean_fraction < 1.0, "partition.min_clean_fraction", "must be in [0, 1)")
 
 

@@ -57,6 +57,30 @@ def test_noisy_side_follows_the_loss_not_the_geometry():
     assert np.allclose(p + q, 1.0, atol=1e-4)
 
 
+def test_a_component_on_a_few_outliers_is_refitted_without_them():
+    """Two overlapping clusters (1400 clean, 600 noisy) plus 2 rows far out: a plain full-covariance
+    fit puts one component (weight 1e-3) on the 2 outliers and flags nothing (seen on Fashion-MNIST's
+    grad_x_act_label). The fit drops them and refits; the clusters are then separated and the
+    outliers still get a p_noisy."""
+    rng = np.random.default_rng(0)
+    attribution = np.concatenate(
+        [rng.normal(0.0, 1.0, (1400, 4)), rng.normal(2.5, 1.0, (600, 4)), np.full((2, 4), 60.0)]
+    )
+    is_noisy = np.r_[np.zeros(1400, bool), np.ones(600, bool), np.zeros(2, bool)]
+    loss = np.where(is_noisy, 2.0, 0.2) + rng.normal(0, 0.1, len(is_noisy))
+    cfg = PartitionConfig()
+    fit = fit_mixture(attribution, loss, cfg, seed=0)
+    assert fit.n_outliers_dropped == 2
+    assert min(fit.mixture.weights_) > 0.2
+    p = fit.p_noisy(attribution)
+    assert p.shape == (2002,) and np.isfinite(p).all()
+    assert detection_metrics(is_noisy, p, 0.5)["f1"] > 0.85
+    # min_component_weight=0 keeps the old behaviour: the outlier component wins, the split is blind
+    plain = fit_mixture(attribution, loss, PartitionConfig(min_component_weight=0.0), seed=0)
+    assert plain.n_outliers_dropped == 0 and min(plain.mixture.weights_) < 0.01
+    assert detection_metrics(is_noisy, plain.p_noisy(attribution), 0.5)["auroc"] < 0.6
+
+
 def test_pca_path_when_wide():
     attribution, loss, is_noisy = _planted(200, 120, width=12, seed=2)
     cfg = PartitionConfig(max_features=4)
