@@ -90,19 +90,19 @@ def fit_mixture(attribution: np.ndarray, loss: np.ndarray, cfg: PartitionConfig,
         raise RaypipeError("partition: attributions contain NaN or infinite values; check the model checkpoint")
     loss = np.asarray(loss, dtype=np.float64)
     keep = np.ones(len(attribution), dtype=bool)
-    for _ in range(MAX_OUTLIER_REFITS + 1):
+    for attempt in range(MAX_OUTLIER_REFITS + 1):
         transform = _transform_for(attribution.shape[1], int(keep.sum()), cfg, seed)
         z = transform.fit_transform(attribution[keep])  # [n_kept, m']
         mixture = GaussianMixture(
             n_components=2, covariance_type="full", reg_covar=cfg.reg_covar, random_state=seed, n_init=2
         ).fit(z)
         tiny = int(np.argmin(mixture.weights_))
-        if mixture.weights_[tiny] >= cfg.min_component_weight:
+        if mixture.weights_[tiny] >= cfg.min_component_weight or attempt == MAX_OUTLIER_REFITS:
             break
         members = mixture.predict(z) == tiny
         if keep.sum() - members.sum() < 4:
             break
-        keep[np.flatnonzero(keep)[members]] = False
+        keep[np.flatnonzero(keep)[members]] = False  # `keep` always matches the last fit's rows
     resp = mixture.predict_proba(z)  # [n_kept, 2]
     weight = resp.sum(axis=0)
     mean_loss = (resp * loss[keep][:, None]).sum(axis=0) / np.maximum(weight, 1e-12)

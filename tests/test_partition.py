@@ -81,6 +81,27 @@ def test_a_component_on_a_few_outliers_is_refitted_without_them():
     assert detection_metrics(is_noisy, plain.p_noisy(attribution), 0.5)["auroc"] < 0.6
 
 
+def test_outlier_refits_stop_after_the_limit_with_a_consistent_fit():
+    """Six pairs of outliers at 40, 160, 640, ... from the bulk: each fit spends a component on the
+    farthest pairs, more pairs than refits allowed. The last fit is kept, consistent with the rows it
+    was fitted on, and still scores every row."""
+    from raypipe.partition import MAX_OUTLIER_REFITS
+
+    rng = np.random.default_rng(0)
+    bulk = np.concatenate([rng.normal(0, 1, (1400, 4)), rng.normal(2.5, 1, (600, 4))])
+    directions = [(0, 1), (1, 1), (2, 1), (3, 1), (0, -1), (1, -1)]
+    pairs = [
+        s * 10.0 * 4.0 ** (k + 1) * np.eye(4)[i] + rng.normal(0, 0.1, (2, 4)) for k, (i, s) in enumerate(directions)
+    ]
+    attribution = np.concatenate([bulk, *pairs])
+    loss = rng.random(len(attribution))
+    fit = fit_mixture(attribution, loss, PartitionConfig(), seed=0)
+    assert 0 < fit.n_outliers_dropped <= 12 and MAX_OUTLIER_REFITS < len(pairs)
+    assert fit.describe()["n_outliers_dropped"] == fit.n_outliers_dropped
+    p = fit.p_noisy(attribution)
+    assert p.shape == (2012,) and np.isfinite(p).all() and ((p >= 0) & (p <= 1)).all()
+
+
 def test_pca_path_when_wide():
     attribution, loss, is_noisy = _planted(200, 120, width=12, seed=2)
     cfg = PartitionConfig(max_features=4)
