@@ -155,7 +155,9 @@ class PartitionConfig:
     # A sample is clean when p_noisy < tau.
     tau: float = 0.5
     # The mixture is fitted on a uniform sample of at most this many rows, then scores every row.
-    max_fit_rows: int = 100_000
+    # The sample sits on the driver ([rows, width] float64, with PCA's copies): the cap keeps the
+    # driver's memory flat as the data grows (bench/scale.py). 20k rows fit 2 x (32 + 528) parameters.
+    max_fit_rows: int = 20_000
     # Attribution vectors wider than this are reduced by PCA before the mixture (full covariance
     # costs O(dims^2) per component and is ill-conditioned in high dimension).
     max_features: int = 32
@@ -196,7 +198,9 @@ class DetectionConfig:
     k: int = 30
     class_balanced: bool = True
     # The kNN reference set is a uniform sample of at most this many rows (exact when N is smaller).
-    max_reference: int = 100_000
+    # It is built on the driver and shipped to every worker ([rows, probe width] float32), so it is
+    # capped like the mixture's fit sample; raise it for more neighbours per class on big data.
+    max_reference: int = 20_000
     # mixture: per-class 2-component mixtures (global fallback); threshold: confident learning's
     # per-class mean threshold; global: one mixture over all samples.
     decision: Literal["mixture", "threshold", "global"] = "mixture"
