@@ -214,7 +214,8 @@ def main() -> None:
             [
                 f"{r['model']}: attribution <= 1.3 x plain inference",
                 f"paper's rule {paper:.2f}x; worst rule `{worst[1][8:]}` {worst[0]:.2f}x; "
-                f"published per-class .backward() {m['published: per-class .backward() (notebook literal)']['x_inference_cpu']:.2f}x, "
+                "published per-class .backward() "
+                f"{m['published: per-class .backward() (notebook literal)']['x_inference_cpu']:.2f}x, "
                 f"per-class autograd.grad w.r.t. h "
                 f"{m['published: per-class grad w.r.t. h (autograd.grad)']['x_inference_cpu']:.2f}x (CPU time)",
                 f"{paper <= 1.3} (paper's rule); {worst[0] <= 1.3} (every rule)",

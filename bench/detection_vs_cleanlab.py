@@ -62,7 +62,8 @@ def cleanlab_detect(cfg, run_dir, folds: int, seed: int, log) -> dict:
         probs[ho] = torch.tensor(logits).double().softmax(1).numpy()
         fold_seconds.append(time.perf_counter() - s)
         log(
-            f"[cleanlab] fold {k + 1}/{folds}: {fold_seconds[-1]:.1f} s, train acc {res.history[-1]['train_accuracy']:.3f}"
+            f"[cleanlab] fold {k + 1}/{folds}: {fold_seconds[-1]:.1f} s, "
+            f"train acc {res.history[-1]['train_accuracy']:.3f}"
         )
     s = time.perf_counter()
     issues = find_label_issues(train.label, probs, filter_by="prune_by_noise_rate")
@@ -182,7 +183,8 @@ def main() -> None:
                     r["n_flagged"],
                     f"{r['seconds_detection']:.1f} ({r['cpu_seconds_detection']:.1f})",
                     f"{r['seconds_total']:.1f}",
-                    f"{r['seconds_detection'] / cl['seconds_total']:.3f} / {r['seconds_total'] / cl['seconds_total']:.3f}"
+                    f"{r['seconds_detection'] / cl['seconds_total']:.3f} / "
+                    f"{r['seconds_total'] / cl['seconds_total']:.3f}"
                     f" (CPU, given: {r['cpu_seconds_detection'] / cl['cpu_seconds_total']:.3f})",
                 ]
             )

@@ -126,9 +126,9 @@ def main() -> None:
         "",
         C.md_table(header, rows),
         "",
-        "Ours: Fashion-MNIST, `%s`, %d training samples; paper: CIFAR-10, ResNet-18, 50k. Total seconds of "
+        f"Ours: Fashion-MNIST, `{model}`, {n} training samples; paper: CIFAR-10, ResNet-18, 50k. Total seconds of "
         "L-FT / F-FT include attribution + partition + pruning (paper: seconds per epoch only). Oracle = a fresh "
-        "model on the truly clean samples (%d), same recipe as Retrain." % (model, n, orc["n_train"]),
+        f"model on the truly clean samples ({orc['n_train']}), same recipe as Retrain.",
         "",
         "## Partition (no ground truth used to choose the clean cluster)",
         "",
@@ -162,15 +162,18 @@ def main() -> None:
             [
                 [
                     "F-FT >= 1.10 x Retrain accuracy, or within 1 point of Oracle",
-                    f"F-FT/Retrain = {goals['f_ft_over_retrain_accuracy']:.3f} (paper {goals['paper_f_ft_over_retrain_accuracy']:.3f}); "
+                    f"F-FT/Retrain = {goals['f_ft_over_retrain_accuracy']:.3f} "
+                    f"(paper {goals['paper_f_ft_over_retrain_accuracy']:.3f}); "
                     f"F-FT - Oracle = {goals['f_ft_minus_oracle_points']:+.1f} points",
                     goals["goal_accuracy_met"],
                 ],
                 [
-                    "whole repair (attribution+partition+prune+F-FT) <= 0.35 x Retrain wall time (same epochs as Initial)",
+                    "whole repair (attribution+partition+prune+F-FT) <= 0.35 x Retrain wall time "
+                    "(same epochs as Initial)",
                     f"{repair_s:.1f} s / {retrain_s:.1f} s = {goals['repair_over_retrain_f_ft']:.3f} "
                     f"(L-FT route {goals['repair_over_retrain_l_ft']:.3f}); in CPU seconds of this process: F-FT "
-                    f"{C.fmt(goals['repair_over_retrain_f_ft_cpu'], 3)}, L-FT {C.fmt(goals['repair_over_retrain_l_ft_cpu'], 3)}",
+                    f"{C.fmt(goals['repair_over_retrain_f_ft_cpu'], 3)}, "
+                    f"L-FT {C.fmt(goals['repair_over_retrain_l_ft_cpu'], 3)}",
                     goals["goal_time_met"],
                 ],
             ],
