@@ -331,8 +331,12 @@ def write_results(
         f"Machine: {m['platform']}, {m['cpus']} CPUs, {m.get('mem_total_gib', '?')} GiB, torch {m['torch']} "
         f"({m['torch_threads']} threads), ray {m.get('ray', '—')}, CUDA {m['cuda']}; raypipe at "
         f"{m.get('git_commit', '?')[:7]}{' (+uncommitted changes)' if m.get('raypipe_dirty') else ''}. "
-        f"Load average (1/5/15 min) at start {load_start}, at end {meta['loadavg_end']} — the CPUs were shared "
-        "with other jobs, so absolute seconds are noisy; ratios were measured back to back.",
+        f"Load average (1/5/15 min) at start {load_start}, at end {meta['loadavg_end']}"
+        + (
+            " — the CPUs were shared with other jobs, so absolute seconds are noisy; ratios were measured back to back."
+            if max(load_start[0], meta["loadavg_end"][0]) > 2.5
+            else " (2 CPUs, about this benchmark's own load)."
+        ),
         "",
         "Parameters: " + ", ".join(f"{k}={_short(v)}" for k, v in params.items()),
         "",

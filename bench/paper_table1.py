@@ -6,7 +6,9 @@ Columns Initial, L-FT, F-FT, Retrain (from one raypipe run, LocalExecutor) and O
 trained on the truly clean samples only: the `retrain` route on a partition equal to the ground
 truth), with the paper's CIFAR-10 / ResNet-18 figures beside them.
 
-    .venv/bin/python bench/paper_table1.py [--quick]
+Every cell is the mean ± std over 3 seeds (noise, split and initialization drawn per seed).
+
+    .venv/bin/python bench/paper_table1.py [--quick] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import time
 
 import common as C
+import numpy as np
 
 PAPER = {  # CIFAR-10, ResNet-18, 50k, 50% corrupted (METHOD.md); Oracle not published
     "accuracy": {"initial": 0.6944, "l_ft": 0.7508, "f_ft": 0.8020, "retrain": 0.7299},
@@ -37,6 +40,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4000)
     parser.add_argument("--epochs", type=int, default=8, help="Initial, Retrain and Oracle epochs")
     parser.add_argument("--ft-epochs", type=int, default=2, help="L-FT and F-FT epochs")
+    parser.add_argument("--seeds", default="0,1,2", help="one full run (noise, split, init) per seed")
     args = parser.parse_args()
     C.set_threads(args.threads)
     started, load_start = time.perf_counter(), C.loadavg()
@@ -78,16 +82,29 @@ def main() -> None:
         "run.routes=[l_ft,f_ft,retrain]",
         "run.executor=local",
     ]
-    cfg = C.config(overrides)
-    run_dir = C.fresh_dir(C.RUNS / ("paper_table1" + ("_quick" if args.quick else "")))
-    log = C.log_to(run_dir / "log.txt")
+    seeds = [0] if args.quick else [int(v) for v in args.seeds.split(",")]
+    params["seeds"] = f"run.seed = noise.seed = data.split_seed = each of {seeds}"
     t = C.Timings()
-    with t("pipeline"):
-        report = C.run_pipeline(cfg, run_dir, log)
-    with t("oracle"):
-        orc = C.oracle(cfg, run_dir, log)
-    routes = dict(report["routes"])
-    routes["oracle"] = {**orc, "seconds_total": orc["seconds_total"]}
+    per_seed = []  # one {"routes", "report", "oracle"} per seed
+    for seed in seeds:
+        cfg = C.config([*overrides, f"run.seed={seed}", f"noise.seed={seed}", f"data.split_seed={seed}"])
+        run_dir = C.fresh_dir(C.RUNS / ("paper_table1" + ("_quick" if args.quick else "")) / f"seed{seed}")
+        log = C.log_to(run_dir / "log.txt")
+        print(f"== seed {seed}", C.loadavg(), flush=True)
+        with t(f"pipeline seed {seed}"):
+            report = C.run_pipeline(cfg, run_dir, log)
+        with t(f"oracle seed {seed}"):
+            orc = C.oracle(cfg, run_dir, log)
+        routes = dict(report["routes"])
+        routes["oracle"] = {**orc, "seconds_total": orc["seconds_total"]}
+        per_seed.append({"seed": seed, "routes": routes, "report": report, "oracle": orc})
+
+    def values(route: str, key: str) -> np.ndarray:
+        return np.array([r["routes"][route].get(key) or np.nan for r in per_seed], dtype=float)
+
+    def cell(route: str, key: str, digits: int) -> str:
+        v = values(route, key)
+        return f"{v.mean():.{digits}f}" + (f" ± {v.std():.{digits}f}" if len(v) > 1 else "")
 
     rows = []
     for key, title, digits in [
@@ -97,63 +114,74 @@ def main() -> None:
         ("seconds_per_epoch", "seconds per epoch", 3),
         ("seconds_total", "total seconds", 1),
     ]:
-        ours = [routes[c].get(key) for c in COLS]
         paper = [PAPER.get(key, {}).get(c) for c in COLS[:4]]
-        rows.append([title, *[C.fmt(v, digits) for v in ours], *[C.fmt(v, digits) for v in paper]])
+        rows.append([title, *[cell(c, key, digits) for c in COLS], *[C.fmt(v, digits) for v in paper]])
     header = ["metric", *[f"{TITLES[c]} (ours)" for c in COLS], *[f"{TITLES[c]} (paper)" for c in COLS[:4]]]
 
-    acc = {c: routes[c]["accuracy"] for c in COLS}
-    repair_s = routes["f_ft"]["seconds_total"]
-    retrain_s = routes["retrain"]["seconds_total"]
-    stage_s = report["stages_seconds"]
+    acc = {c: float(values(c, "accuracy").mean()) for c in COLS}
+    repair = values("f_ft", "seconds_total")
+    repair_l = values("l_ft", "seconds_total")
+    retrain = values("retrain", "seconds_total")
+    cpu_f = np.array([_cpu_ratio(r["report"].get("stages_cpu_seconds", {}), "f_ft") or np.nan for r in per_seed])
+    cpu_l = np.array([_cpu_ratio(r["report"].get("stages_cpu_seconds", {}), "l_ft") or np.nan for r in per_seed])
+    f_minus_oracle = 100 * (values("f_ft", "accuracy") - values("oracle", "accuracy"))
     goals = {
         "f_ft_over_retrain_accuracy": acc["f_ft"] / acc["retrain"],
-        "f_ft_minus_oracle_points": 100 * (acc["f_ft"] - acc["oracle"]),
+        "f_ft_minus_oracle_points": float(f_minus_oracle.mean()),
+        "f_ft_minus_oracle_points_per_seed": f_minus_oracle.tolist(),
         "goal_accuracy_met": acc["f_ft"] >= 1.10 * acc["retrain"] or acc["f_ft"] >= acc["oracle"] - 0.01,
-        "repair_seconds_f_ft": repair_s,
-        "repair_seconds_l_ft": routes["l_ft"]["seconds_total"],
-        "retrain_seconds": retrain_s,
-        "repair_over_retrain_f_ft": repair_s / retrain_s,
-        "repair_over_retrain_l_ft": routes["l_ft"]["seconds_total"] / retrain_s,
-        "goal_time_met": repair_s <= 0.35 * retrain_s,
-        "repair_over_retrain_f_ft_cpu": _cpu_ratio(report.get("stages_cpu_seconds", {}), "f_ft"),
-        "repair_over_retrain_l_ft_cpu": _cpu_ratio(report.get("stages_cpu_seconds", {}), "l_ft"),
+        "repair_seconds_f_ft": float(repair.mean()),
+        "repair_seconds_l_ft": float(repair_l.mean()),
+        "retrain_seconds": float(retrain.mean()),
+        "repair_over_retrain_f_ft": float((repair / retrain).mean()),
+        "repair_over_retrain_l_ft": float((repair_l / retrain).mean()),
+        "goal_time_met": bool((repair / retrain).mean() <= 0.35),
+        "repair_over_retrain_f_ft_cpu": float(np.nanmean(cpu_f)),
+        "repair_over_retrain_l_ft_cpu": float(np.nanmean(cpu_l)),
         "paper_f_ft_over_retrain_accuracy": PAPER["accuracy"]["f_ft"] / PAPER["accuracy"]["retrain"],
     }
-    det = report.get("detection", {})
+    stage_names = list(per_seed[0]["report"]["stages_seconds"])
+    stage_rows = []
+    for k in stage_names:
+        wall = np.array([r["report"]["stages_seconds"].get(k, np.nan) for r in per_seed])
+        cpu = np.array([(r["report"].get("stages_cpu_seconds") or {}).get(k, np.nan) for r in per_seed])
+        stage_rows.append([k, float(wall.mean()), float(np.nanmean(cpu))])
+    stage_rows.append(
+        [
+            "oracle",
+            float(np.mean([r["oracle"]["wall_seconds"] for r in per_seed])),
+            float(np.mean([r["oracle"].get("cpu_seconds", np.nan) for r in per_seed])),
+        ]
+    )
+    n_seeds = len(seeds)
     body = [
-        "## Table 1 (clean test split, last epoch)",
+        f"## Table 1 (clean test split, last epoch; mean ± std over {n_seeds} seed(s))",
         "",
         C.md_table(header, rows),
         "",
         f"Ours: Fashion-MNIST, `{model}`, {n} training samples; paper: CIFAR-10, ResNet-18, 50k. Total seconds of "
         "L-FT / F-FT include attribution + partition + pruning (paper: seconds per epoch only). Oracle = a fresh "
-        f"model on the truly clean samples ({orc['n_train']}), same recipe as Retrain.",
+        f"model on the truly clean samples (~{per_seed[0]['oracle']['n_train']}), same recipe as Retrain. Each seed "
+        "draws its own noise, split and initialization.",
         "",
-        "## Partition (no ground truth used to choose the clean cluster)",
+        "## Partition (no ground truth used to choose the clean cluster), per seed",
         "",
         C.md_table(
-            ["clean kept", "flagged", "precision", "recall", "F1", "AUROC"],
+            ["seed", "clean kept", "flagged", "precision", "recall", "F1", "AUROC"],
             [
                 [
-                    report["partition"]["n_clean"],
-                    report["partition"]["n_noisy"],
-                    det.get("precision"),
-                    det.get("recall"),
-                    det.get("f1"),
-                    det.get("auroc"),
+                    r["seed"],
+                    r["report"]["partition"]["n_clean"],
+                    r["report"]["partition"]["n_noisy"],
+                    *[r["report"].get("detection", {}).get(k) for k in ("precision", "recall", "f1", "auroc")],
                 ]
+                for r in per_seed
             ],
         ),
         "",
-        "## Stage seconds",
+        "## Stage seconds (mean over seeds)",
         "",
-        C.md_table(
-            ["stage", "wall seconds", "CPU seconds (this process)"],
-            [[k, v, report.get("stages_cpu_seconds", {}).get(k)] for k, v in stage_s.items()]
-            + [["oracle", orc["wall_seconds"], orc.get("cpu_seconds")]],
-            2,
-        ),
+        C.md_table(["stage", "wall seconds", "CPU seconds (this process)"], stage_rows, 2),
         "",
         "## Against the goals",
         "",
@@ -164,13 +192,15 @@ def main() -> None:
                     "F-FT >= 1.10 x Retrain accuracy, or within 1 point of Oracle",
                     f"F-FT/Retrain = {goals['f_ft_over_retrain_accuracy']:.3f} "
                     f"(paper {goals['paper_f_ft_over_retrain_accuracy']:.3f}); "
-                    f"F-FT - Oracle = {goals['f_ft_minus_oracle_points']:+.1f} points",
+                    f"F-FT - Oracle = {goals['f_ft_minus_oracle_points']:+.1f} points "
+                    f"(per seed {', '.join(f'{v:+.1f}' for v in f_minus_oracle)})",
                     goals["goal_accuracy_met"],
                 ],
                 [
                     "whole repair (attribution+partition+prune+F-FT) <= 0.35 x Retrain wall time "
                     "(same epochs as Initial)",
-                    f"{repair_s:.1f} s / {retrain_s:.1f} s = {goals['repair_over_retrain_f_ft']:.3f} "
+                    f"{goals['repair_seconds_f_ft']:.1f} s / {goals['retrain_seconds']:.1f} s: "
+                    f"{goals['repair_over_retrain_f_ft']:.3f} "
                     f"(L-FT route {goals['repair_over_retrain_l_ft']:.3f}); in CPU seconds of this process: F-FT "
                     f"{C.fmt(goals['repair_over_retrain_f_ft_cpu'], 3)}, "
                     f"L-FT {C.fmt(goals['repair_over_retrain_l_ft_cpu'], 3)}",
@@ -184,16 +214,22 @@ def main() -> None:
         "Paper Table 1, our numbers (Gaussian input noise, Fashion-MNIST)",
         "\n".join(body),
         {
-            "routes": routes,
+            "per_seed": [
+                {
+                    "seed": r["seed"],
+                    "routes": r["routes"],
+                    "detection": r["report"].get("detection", {}),
+                    "partition": r["report"]["partition"],
+                    "stages_seconds": r["report"]["stages_seconds"],
+                    "stages_cpu_seconds": r["report"].get("stages_cpu_seconds"),
+                    "oracle_cpu_seconds": r["oracle"].get("cpu_seconds"),
+                    "train_accuracy_given_labels_initial": r["routes"]["initial"].get("train_accuracy_given_labels"),
+                }
+                for r in per_seed
+            ],
             "paper": PAPER,
-            "detection": det,
-            "partition": report["partition"],
-            "stages_seconds": stage_s,
-            "stages_cpu_seconds": report.get("stages_cpu_seconds"),
-            "oracle_cpu_seconds": orc.get("cpu_seconds"),
             "goals": goals,
             "timings": t.rows,
-            "train_accuracy_given_labels_initial": routes["initial"].get("train_accuracy_given_labels"),
         },
         params,
         started,

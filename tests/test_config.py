@@ -14,7 +14,7 @@ from raypipe.errors import ConfigError
 def test_defaults_validate():
     config = load_config()
     assert config == Config().validate()
-    assert config.initial.epochs == 60 and config.f_ft.lr == pytest.approx(1e-4)
+    assert config.initial.epochs == 60 and config.f_ft.lr == pytest.approx(1e-3)
     assert config.run.routes == ["l_ft", "f_ft", "retrain"]
     assert config.attribution.rule == "loss"
     assert dataclasses.is_dataclass(config) and config.section("partition").tau == 0.5
@@ -44,7 +44,7 @@ def test_yaml_file_and_overrides_merge(tmp_path):
 def test_override_keeps_section_defaults():
     config = load_config(None, ["initial.lr=0.01"])
     assert config.initial.lr == 0.01 and config.initial.epochs == 60
-    assert config.l_ft.epochs == 10 and config.f_ft.lr == pytest.approx(1e-4)
+    assert config.l_ft.epochs == 10 and config.f_ft.lr == pytest.approx(1e-3)
 
 
 def test_override_value_parsing():
