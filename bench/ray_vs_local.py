@@ -7,7 +7,7 @@ the other; with --abba the order local, ray, ray, local is run and each executor
 which cancels a linear drift of the machine's load. Ray's start-up (ray.init, workers) is part of
 the `total` wall time and shown on its own row (`executor start`).
 
-    .venv/bin/python bench/ray_vs_local.py [--quick] [--n 4000] [--abba]
+    .venv/bin/python bench/ray_vs_local.py [--quick] [--n 4000] [--epochs 2] [--abba]
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--overrides")
     parser.add_argument("--out")
     parser.add_argument("--n", type=int, default=4000)
+    parser.add_argument("--epochs", type=int, default=2, help="Initial and Retrain epochs (fine-tuning: 1)")
     parser.add_argument("--abba", action="store_true")
     args = parser.parse_args()
     if args.child:
@@ -77,7 +78,7 @@ def main() -> None:
     if args.quick:
         n, model, ep, ft = 1000, "mlp", 1, 1
     else:
-        n, model, ep, ft = args.n, "cnn_small", 2, 1
+        n, model, ep, ft = args.n, "cnn_small", args.epochs, 1
     overrides = [
         f"data.max_train_samples={n}",
         "data.shard_rows=1024",
@@ -177,7 +178,8 @@ def main() -> None:
         ]
     )
     C.write_results(
-        "ray_vs_local" + ("_quick" if args.quick else ""),
+        "ray_vs_local"
+        + ("_quick" if args.quick else "" if (n, ep) == (4000, 2) else f"_n{n}_e{ep}"),  # a larger run kept apart
         "Ray vs in-process",
         body,
         {"runs": runs, "ratios": ratios, "attribution_samples_per_s": attr_rate, "driver_peak_rss_mib": mem},

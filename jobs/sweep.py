@@ -7,6 +7,7 @@
 # Locally, from the repo root: `python jobs/sweep.py --out runs/digits-sweep --config jobs/configs/digits_sweep.yaml`.
 # Rerun the same command on the same --out to resume an interrupted sweep. The shared stages (data,
 # initial model, attributions) run on Ray (run.executor=ray) unless an override says run.executor=local.
+# In a submitted job, --out must be absolute (or s3:// / gs://), as for jobs/rlap.py.
 import sys
 
 from raypipe.cli import main

@@ -7,10 +7,15 @@ raypipe sweep --out runs/digits-sweep [--config jobs/configs/digits_sweep.yaml] 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 from raypipe.config import dump_config, load_config
 from raypipe.errors import RaypipeError
+
+# Set by Ray's job supervisor in the environment of a submitted job's entrypoint.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +33,24 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("overrides", nargs="*", help="section.key=value settings, e.g. sweep.num_samples=8")
     sweep.add_argument("--default", action="append", default=[], help=argparse.SUPPRESS)
     return parser
+
+
+def relative_out_in_job(out: str, environ=os.environ) -> str | None:
+    """The error when a submitted Ray job (with a working_dir) is given a relative --out, else None:
+    such a job runs in a temporary copy of the working dir, deleted with the cluster's session."""
+    if "://" in out or os.path.isabs(out) or JOB_CONFIG_ENV not in environ:
+        return None
+    try:
+        working_dir = json.loads(environ[JOB_CONFIG_ENV]).get("runtime_env", {}).get("working_dir")
+    except (ValueError, AttributeError):
+        working_dir = None
+    if not working_dir:
+        return None
+    return (
+        f"--out '{out}' is a relative path, and this Ray job runs in a temporary copy of the working dir "
+        "that is deleted with the cluster's session; pass an absolute path the job's node can write to "
+        "(e.g. --out $PWD/runs/NAME on a local head) or an object-store URI (--out s3://BUCKET/runs/NAME)"
+    )
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -50,6 +73,10 @@ def sweep_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    error = relative_out_in_job(args.out)
+    if error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
     try:
         if args.command == "run":
             return run_command(args)

@@ -75,3 +75,31 @@ def test_unknown_from_stage(tmp_path, capsys):
     out = tmp_path / "run"
     _fails_with_one_error_line(capsys, ["run", "--out", str(out), "--from", "nope", "data.source=digits"], "--from")
     _no_results(out)
+
+
+def test_relative_out_is_refused_only_inside_a_submitted_job_with_a_working_dir(tmp_path):
+    import json
+
+    from raypipe.cli import JOB_CONFIG_ENV, relative_out_in_job
+
+    job = {JOB_CONFIG_ENV: json.dumps({"runtime_env": {"working_dir": "."}})}
+    assert "'runs/x' is a relative path" in relative_out_in_job("runs/x", job)
+    assert relative_out_in_job(str(tmp_path / "x"), job) is None  # absolute
+    assert relative_out_in_job("s3://bucket/runs/x", job) is None
+    assert relative_out_in_job("runs/x", {}) is None  # not a submitted job: relative to the user's cwd
+    assert relative_out_in_job("runs/x", {JOB_CONFIG_ENV: json.dumps({"runtime_env": {}})}) is None
+    assert relative_out_in_job("runs/x", {JOB_CONFIG_ENV: "not json"}) is None
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_main_refuses_a_relative_out_in_a_submitted_job(monkeypatch, tmp_path, capsys, command):
+    import json
+
+    from raypipe.cli import JOB_CONFIG_ENV
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"runtime_env": {"working_dir": str(tmp_path)}}))
+    assert main([command, "--out", "runs/rel"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out 'runs/rel' is a relative path") and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()

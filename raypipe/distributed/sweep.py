@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any
 
@@ -99,9 +98,7 @@ def _train_on_workers(request: TrainRequest, config: Config, context: dict[str, 
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Empty, Queue
 
-    storage_path = storage.join(request.out_uri, "ray_train")
-    if not storage.is_remote(storage_path):
-        storage_path = os.path.abspath(storage_path)
+    storage_path = storage.absolute(storage.join(request.out_uri, "ray_train"))
     use_gpu = context["gpus_per_worker"] > 0
     relay = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
@@ -150,20 +147,15 @@ def _train_on_workers(request: TrainRequest, config: Config, context: dict[str, 
         raise errors.get()
 
 
-def _absolute(uri: str) -> str:
-    """Tune trials run in their own working directories: local paths must be absolute."""
-    return uri if "://" in uri else os.path.abspath(uri)
-
-
 def run_sweep(config: Config, sweep_uri: str, log=print) -> dict[str, Any]:
     """Run (or resume) the sweep under `sweep_uri`; return {"rows", "best", "report", "counts", ...}."""
     from raypipe.api import make_executor
 
     start = time.perf_counter()
-    sweep_uri = _absolute(sweep_uri)
+    sweep_uri = storage.absolute(sweep_uri)
     if config.sweep.trusted_path is not None:
         config = dataclasses.replace(
-            config, sweep=dataclasses.replace(config.sweep, trusted_path=_absolute(config.sweep.trusted_path))
+            config, sweep=dataclasses.replace(config.sweep, trusted_path=storage.absolute(config.sweep.trusted_path))
         )
     init_ray(config.ray.address, log)
     sweep_cfg = config.sweep
