@@ -123,13 +123,14 @@ def test_cluster_requires_the_token(cluster):
 
 
 def test_plan_counts_only_labelled_nodes(cluster):
-    from raypipe.distributed.executor import placement_resources, schedulable_resources
+    from raypipe.distributed.executor import placement_resources, schedulable_nodes, schedulable_resources
     from raypipe.distributed.resources import plan_resources
 
     assert ray.cluster_resources()["CPU"] == 3  # the head's CPU is in the cluster...
-    labelled = schedulable_resources(LABEL)
-    assert labelled["CPU"] == 2 and labelled[LABEL] == 2  # ...but not in what the work may use
-    plan = plan_resources(labelled, load_config(None, QUICK).ray)
+    nodes = schedulable_nodes(LABEL)
+    assert sorted(n["CPU"] for n in nodes) == [1.0, 1.0]  # ...but not in what the work may use
+    assert len(schedulable_nodes(None)) == 3
+    plan = plan_resources(schedulable_resources(nodes), load_config(None, QUICK).ray, nodes)
     # Every actor / task / Train worker fits on one 1-CPU worker node.
     assert plan.cpus_per_actor <= 1 and plan.cpus_per_task <= 1
     assert plan.num_workers * plan.cpus_per_worker <= 2 and plan.cpus_per_worker <= 1
@@ -137,7 +138,7 @@ def test_plan_counts_only_labelled_nodes(cluster):
     from raypipe.errors import RaypipeError
 
     with pytest.raises(RaypipeError, match="no alive node"):
-        schedulable_resources("no_such_label")
+        schedulable_nodes("no_such_label")
 
 
 def test_pipeline_runs_on_the_labelled_worker_nodes(cluster, tmp_path):

@@ -96,7 +96,7 @@ def test_outlier_refits_stop_after_the_limit_with_a_consistent_fit():
     attribution = np.concatenate([bulk, *pairs])
     loss = rng.random(len(attribution))
     fit = fit_mixture(attribution, loss, PartitionConfig(), seed=0)
-    assert 0 < fit.n_outliers_dropped <= 12 and MAX_OUTLIER_REFITS < len(pairs)
+    assert 0 < fit.n_outliers_dropped <= 12 and len(pairs) > MAX_OUTLIER_REFITS
     assert fit.describe()["n_outliers_dropped"] == fit.n_outliers_dropped
     p = fit.p_noisy(attribution)
     assert p.shape == (2012,) and np.isfinite(p).all() and ((p >= 0) & (p <= 1)).all()

@@ -48,22 +48,23 @@ def placement_resources(worker_resource: str | None) -> dict[str, float]:
     return {worker_resource: WORKER_RESOURCE_AMOUNT} if worker_resource else {}
 
 
-def schedulable_resources(worker_resource: str | None) -> dict[str, float]:
-    """What the work may use: the whole cluster, or the alive nodes that declare `worker_resource`."""
-    if not worker_resource:
-        return ray.cluster_resources()
-    total: dict[str, float] = {}
+def schedulable_nodes(worker_resource: str | None) -> list[dict[str, float]]:
+    """The CPUs and GPUs of each alive node the work may use: every node, or those declaring `worker_resource`."""
+    nodes = []
     for node in ray.nodes():
         resources = node.get("Resources", {})
-        if node.get("Alive") and resources.get(worker_resource, 0.0) >= WORKER_RESOURCE_AMOUNT:
-            for key in ("CPU", "GPU", worker_resource):
-                total[key] = total.get(key, 0.0) + float(resources.get(key, 0.0))
-    if not total:
+        if node.get("Alive") and (not worker_resource or resources.get(worker_resource, 0.0) >= WORKER_RESOURCE_AMOUNT):
+            nodes.append({key: float(resources.get(key, 0.0)) for key in ("CPU", "GPU")})
+    if worker_resource and not nodes:
         raise RaypipeError(
             f"ray.worker_resource='{worker_resource}' but no alive node of the cluster declares it; start the "
             f"worker nodes with `ray start ... --resources='{{\"{worker_resource}\": 1}}'` or unset ray.worker_resource"
         )
-    return total
+    return nodes
+
+
+def schedulable_resources(nodes: list[dict[str, float]]) -> dict[str, float]:
+    return {key: sum(n[key] for n in nodes) for key in ("CPU", "GPU")}
 
 
 class _ShardActor:
@@ -91,7 +92,8 @@ class RayExecutor:
         self.log = log
         init_ray(config.ray.address, log)
         self.placement = placement_resources(config.ray.worker_resource)
-        self.plan: Plan = plan_resources(schedulable_resources(config.ray.worker_resource), config.ray)
+        nodes = schedulable_nodes(config.ray.worker_resource)
+        self.plan: Plan = plan_resources(schedulable_resources(nodes), config.ray, nodes)
         log(f"[ray] plan: {self.plan}" + (f", on nodes with '{config.ray.worker_resource}'" if self.placement else ""))
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], desc: str = "") -> list[Any]:

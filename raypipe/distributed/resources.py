@@ -3,12 +3,15 @@
 Ray Data and Ray Train share the cluster. A trainer whose workers hold every CPU starves the Ray
 Data tasks that feed it, and both wait forever (seen on 2 CPUs). So the trainer always leaves at
 least one CPU (or a share of one on tiny machines) to Ray Data, and workers take fractional CPUs
-where the machine is small. Pure arithmetic on a resources dict: unit-tested without a cluster.
+where the machine is small. Given the nodes, the plan must also fit node by node: the cluster's
+total can hide that no single node has the CPUs one worker asks for (4 one-CPU nodes: workers of
+1.5 CPUs never start), or that the workers fill every node and leave Ray Data no room. Pure
+arithmetic on resource dicts: unit-tested without a cluster.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from raypipe.config import RayConfig
 from raypipe.errors import RaypipeError
@@ -29,8 +32,56 @@ class Plan:
     gpus_per_worker: float
 
 
-def plan_resources(resources: dict[str, float], cfg: RayConfig) -> Plan:
-    """`resources` is ray.cluster_resources(): {"CPU": 2.0, "GPU": 0.0, ...}."""
+def plan_resources(resources: dict[str, float], cfg: RayConfig, nodes: list[dict[str, float]] | None = None) -> Plan:
+    """`resources` is ray.cluster_resources(): {"CPU": 2.0, "GPU": 0.0, ...}; `nodes` the alive nodes'
+    resources ([{"CPU": 1.0, "GPU": 0.0}, ...]) the work may use, when known."""
+    plan = _plan_from_totals(resources, cfg)
+    return plan if not nodes else _fit_to_nodes(plan, nodes, fixed_workers=cfg.num_workers > 0)
+
+
+def _packs(node_cpus: list[float], n_workers: int, per_worker: float, reserve: float) -> bool:
+    """Can `n_workers` of `per_worker` CPUs each be placed on nodes with `node_cpus` free CPUs, one
+    node still keeping `reserve` CPUs for Ray Data? (Each worker goes to the node with the most free.)"""
+    free = sorted(node_cpus, reverse=True)
+    for _ in range(n_workers):
+        free.sort(reverse=True)
+        if free[0] + 1e-9 < per_worker:
+            return False
+        free[0] -= per_worker
+    return max(free) + 1e-9 >= reserve
+
+
+def _fit_to_nodes(plan: Plan, nodes: list[dict[str, float]], fixed_workers: bool) -> Plan:
+    if plan.use_gpu:
+        # A GPU worker / actor takes its CPUs on its GPU's node: share what each GPU node has left
+        # after one CPU (half, on a one-CPU node) is kept for Ray Data.
+        gpu_nodes = [n for n in nodes if n.get("GPU", 0.0) >= 1]
+        share = min(max(n["CPU"] - 1.0, n["CPU"] / 2) / int(n["GPU"]) for n in gpu_nodes) if gpu_nodes else 1.0
+        return replace(
+            plan,
+            cpus_per_worker=min(plan.cpus_per_worker, share),
+            cpus_per_actor=min(plan.cpus_per_actor, share),
+        )
+    node_cpus = [float(n.get("CPU", 0.0)) for n in nodes if n.get("CPU", 0.0) > 0]
+    reserve = min(1.0, max(node_cpus) / 2)
+    cpus_per_actor = min(plan.cpus_per_actor, max(node_cpus))
+    num_workers, per_worker = plan.num_workers, plan.cpus_per_worker
+    while True:
+        candidate = per_worker
+        while candidate >= 0.1:
+            if _packs(node_cpus, num_workers, candidate, reserve):
+                return replace(plan, num_workers=num_workers, cpus_per_worker=candidate, cpus_per_actor=cpus_per_actor)
+            candidate *= 0.75
+        if fixed_workers or num_workers == 1:
+            raise RaypipeError(
+                f"ray.num_workers={num_workers} Train workers do not fit on the cluster's nodes (CPUs per node: "
+                f"{sorted(node_cpus, reverse=True)}) with room left for Ray Data; lower ray.num_workers or set it to 0 "
+                "(size from the cluster)"
+            )
+        num_workers -= 1
+
+
+def _plan_from_totals(resources: dict[str, float], cfg: RayConfig) -> Plan:
     cpus = float(resources.get("CPU", 0.0))
     gpus = float(resources.get("GPU", 0.0))
     if cpus < 1:
