@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import chi2
 from sklearn.decomposition import PCA
 from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
 from sklearn.mixture import GaussianMixture
@@ -70,8 +71,15 @@ def _transform_for(n_features: int, n_rows: int, cfg: PartitionConfig, seed: int
     return Pipeline(steps)
 
 
-# A refit after dropping outliers is tried at most this many times (each drops one tiny component).
+# A refit after leaving outliers out is tried at most this many times.
 MAX_OUTLIER_REFITS = 3
+
+
+def _mahalanobis_sq(z: np.ndarray, mixture: GaussianMixture, component: int) -> np.ndarray:
+    """[n, m] rows -> [n] squared Mahalanobis distance to one full-covariance component."""
+    diff = z - mixture.means_[component]
+    # precisions_cholesky_ is L with precision = L L^T, so |diff @ L|^2 is the squared distance.
+    return np.square(diff @ mixture.precisions_cholesky_[component]).sum(axis=1)
 
 
 def fit_mixture(attribution: np.ndarray, loss: np.ndarray, cfg: PartitionConfig, seed: int = 0) -> MixtureFit:
@@ -79,9 +87,11 @@ def fit_mixture(attribution: np.ndarray, loss: np.ndarray, cfg: PartitionConfig,
 
     A full-covariance mixture can spend one component on a handful of extreme rows (weight 5e-4 on
     Fashion-MNIST's grad_x_act_label at 20% and 60% noise: every other sample then lands on one side
-    and nothing is flagged). When a component's weight is under cfg.min_component_weight, its
-    members are dropped as outliers and the transform + mixture refitted on the rest; the outliers
-    are still scored afterwards like every other row.
+    and nothing is flagged). When a component's weight is under cfg.min_component_weight, the fit is
+    one blob plus outliers: its members and every row outside the big component's 99.9% ellipsoid
+    (Mahalanobis distance, chi-square quantile) are left out, and the transform + mixture refitted
+    on the rest. Trimming by distance removes outliers at every scale in one refit (dropping only the
+    tiny component's members took one refit per scale). Left-out rows are still scored afterwards.
     """
     attribution = np.asarray(attribution, dtype=np.float64)
     if attribution.ndim != 2 or attribution.shape[0] < 4:
@@ -99,10 +109,10 @@ def fit_mixture(attribution: np.ndarray, loss: np.ndarray, cfg: PartitionConfig,
         tiny = int(np.argmin(mixture.weights_))
         if mixture.weights_[tiny] >= cfg.min_component_weight or attempt == MAX_OUTLIER_REFITS:
             break
-        members = mixture.predict(z) == tiny
-        if keep.sum() - members.sum() < 4:
+        outliers = (mixture.predict(z) == tiny) | (_mahalanobis_sq(z, mixture, 1 - tiny) > chi2.ppf(0.999, z.shape[1]))
+        if keep.sum() - outliers.sum() < 4:
             break
-        keep[np.flatnonzero(keep)[members]] = False  # `keep` always matches the last fit's rows
+        keep[np.flatnonzero(keep)[outliers]] = False  # `keep` always matches the last fit's rows
     resp = mixture.predict_proba(z)  # [n_kept, 2]
     weight = resp.sum(axis=0)
     mean_loss = (resp * loss[keep][:, None]).sum(axis=0) / np.maximum(weight, 1e-12)
