@@ -158,7 +158,7 @@ def checkpoint_dict(model: ProbedModel, signature: dict[str, Any], extra: dict[s
 SIGNATURE_KEYS = ("name", "probe_width", "input_shape", "num_classes", "hidden_width")
 
 
-def _saved_signature(blob: Any, source: str) -> dict[str, Any]:
+def saved_signature(blob: Any, source: str) -> dict[str, Any]:
     if not isinstance(blob, dict) or "model_state" not in blob or "signature" not in blob:
         raise CheckpointError(f"checkpoint '{source}' is not a raypipe checkpoint (no signature / model_state)")
     saved = blob["signature"]
@@ -167,19 +167,24 @@ def _saved_signature(blob: Any, source: str) -> dict[str, Any]:
     return saved
 
 
-def _check_signature(saved: dict[str, Any], signature: dict[str, Any], source: str) -> None:
+def check_signature(saved: dict[str, Any], signature: dict[str, Any], source: str) -> None:
     for key in SIGNATURE_KEYS:
         if saved.get(key) != signature.get(key):
+            fix = (
+                f"set model.{key} to match"
+                if key in ("name", "probe_width", "hidden_width")
+                # the data decides these: a checkpoint of another data set cannot be repaired on this one
+                else "use data with the checkpoint's sample shape and classes (data.source / data.path)"
+            )
             raise CheckpointError(
                 f"checkpoint '{source}' has {key}={saved.get(key)!r} but the config asks for {signature.get(key)!r}; "
-                f"set model.{key if key in ('name', 'probe_width', 'hidden_width') else 'name'} to match or use "
-                "another checkpoint"
+                f"{fix} or use another checkpoint"
             )
 
 
 def load_checkpoint_dict(blob: dict, model: ProbedModel, signature: dict[str, Any], source: str) -> dict[str, Any]:
     """Load `blob` (from torch.load(weights_only=True)) into `model`; return its `extra`."""
-    _check_signature(_saved_signature(blob, source), signature, source)
+    check_signature(saved_signature(blob, source), signature, source)
     try:
         model.load_state_dict(blob["model_state"])
     except RuntimeError as e:
@@ -202,9 +207,9 @@ def load_model(uri: str, expect: dict[str, Any] | None = None) -> tuple[ProbedMo
     from raypipe import storage
 
     blob = storage.load_torch(uri)
-    signature = _saved_signature(blob, uri)
+    signature = saved_signature(blob, uri)
     if expect is not None:  # refuse before building: the config, not the checkpoint, picks the code that runs
-        _check_signature(signature, expect, uri)
+        check_signature(signature, expect, uri)
     source = expect or signature
     cfg = ModelConfig(
         name=source["name"],

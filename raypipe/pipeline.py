@@ -22,9 +22,7 @@ from typing import Any
 from raypipe import storage
 from raypipe.config import Config, dump_config
 from raypipe.errors import ConfigError
-from raypipe.models import _check_signature as check_signature
-from raypipe.models import _saved_signature as saved_signature
-from raypipe.models import load_model, model_signature, save_model
+from raypipe.models import check_signature, load_model, model_signature, save_model, saved_signature
 from raypipe.stages import attribute, partition, prepare, prune
 from raypipe.stages.train import TrainRequest
 from raypipe.training import evaluate, resolve_device

@@ -241,7 +241,11 @@ def checkpoint_other_probe_width(d: Path) -> Case:
 
 def checkpoint_other_input_shape(d: Path) -> Case:
     uri = _checkpoint(d / "mnist.pt", ModelConfig(), shape=(1, 28, 28))
-    return Case([*QUICK, f"model.checkpoint={uri}"], ["mnist.pt", "input_shape=[1, 28, 28]", "[1, 8, 8]"], "initial")
+    return Case(
+        [*QUICK, f"model.checkpoint={uri}"],
+        ["mnist.pt", "input_shape=[1, 28, 28]", "[1, 8, 8]", "use data with the checkpoint's sample shape"],
+        "initial",
+    )
 
 
 def checkpoint_with_code(d: Path) -> Case:
