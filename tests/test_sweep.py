@@ -345,3 +345,28 @@ def test_ray_train_inside_tune_trials_with_a_trusted_objective(sweep_a, tmp_path
         assert reported[-1][core.METRIC] == pytest.approx(row[core.METRIC])
     report = json.loads((out / "best" / "report.json").read_text())
     assert report["objective"]["mode"] == "trusted" and report["objective"]["n_val"] == len(val)
+
+
+@pytest.mark.ray
+def test_crashing_trials_are_retried_or_recorded_and_the_sweep_still_picks_a_best(ray_cluster, tmp_path, monkeypatch):
+    """Issue 6, item 4. One trial crashes once (Tune retries it: ray.max_failures=2) and completes;
+    another crashes every time (1 try + 2 retries) and is recorded as `error` in the trials table;
+    the sweep still writes its best from the trials that finished."""
+    from raypipe.distributed.sweep import TEST_CRASH_ENV, run_sweep
+
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    crashes = {"loss:0.001": 1, "grad_x_act_label:0.001": 99}
+    monkeypatch.setenv(TEST_CRASH_ENV, json.dumps({"dir": str(markers), "crashes": crashes}))
+    out = tmp_path / "crash"
+    config = _config("sweep.lr=[0.001]", "sweep.epochs=[2]", "sweep.grace_period=2", "ray.max_failures=2")
+    result = run_sweep(config, str(out), log=lambda *_: None)
+    rows = {r["rule"]: r for r in result["rows"]}
+    assert len(list(markers.glob("crash-loss-*"))) == 1
+    assert len(list(markers.glob("crash-grad_x_act_label-*"))) == 3  # the first try and both retries
+    retried, failed = rows["loss"], rows["grad_x_act_label"]
+    assert retried["status"] == "completed" and retried["epochs_run"] == 2, retried
+    assert failed["status"] == "error" and "injected crash" in failed["message"], failed
+    report = json.loads((out / "best" / "report.json").read_text())
+    assert report["trial_id"] == retried["trial_id"]
+    assert (out / "best" / "model.pt").is_file()

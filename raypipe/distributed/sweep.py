@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -35,12 +36,36 @@ from raypipe.stages.train import TrainRequest
 TUNE_NAME = "tune"
 
 
+# Test hook (tests/test_sweep.py), inert unless set on the driver: RAYPIPE_TEST_CRASH_TRIAL='{"dir": D,
+# "crashes": {"<rule>:<lr>": N}}' makes the trials of that rule and learning rate raise at their start,
+# the first N times (counted by marker files in D): a crash Tune retries, or one it records as errored.
+TEST_CRASH_ENV = "RAYPIPE_TEST_CRASH_TRIAL"
+
+
+def _injected_crash(hook: str | None, spec: core.TrialSpec) -> None:
+    if not hook:
+        return
+    import json
+    from pathlib import Path
+
+    settings = json.loads(hook)
+    times = settings["crashes"].get(f"{spec.rule}:{spec.lr:g}")
+    if times is None:
+        return
+    key = f"{spec.rule}-{spec.lr:g}"
+    done = len(list(Path(settings["dir"]).glob(f"crash-{key}-*")))
+    if done < times:
+        (Path(settings["dir"]) / f"crash-{key}-{done}").touch()
+        raise RuntimeError(f"injected crash {done + 1} of {times} ({TEST_CRASH_ENV})")
+
+
 def _trial(hp: dict[str, Any], context: dict[str, Any]) -> None:
     """The Tune function trainable: one trial."""
     import torch
 
     config = config_from_dict(context["config"])
     spec = core.TrialSpec.from_dict(hp["hp"])
+    _injected_crash(context.get("test_crash"), spec)
     trial_id = tune.get_context().get_trial_id()
     torch.set_num_threads(max(1, int(context["cpus_per_trial"])))
     device = "cuda" if context["use_gpu"] and ray.get_gpu_ids() else "cpu"
@@ -183,6 +208,7 @@ def run_sweep(config: Config, sweep_uri: str, log=print) -> dict[str, Any]:
         "gpus_per_worker": plan.gpus_per_worker,
         "cpus_per_trial": sweep_cfg.cpus_per_trial if plan.workers == 1 else plan.trial_resources["cpu"],
         "use_gpu": plan.use_gpu,
+        "test_crash": os.environ.get(TEST_CRASH_ENV),
     }
     trainable = tune.with_resources(tune.with_parameters(_trial, context=context), plan.trial_resources)
     experiment = storage.join(sweep_uri, TUNE_NAME)
