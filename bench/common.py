@@ -136,6 +136,27 @@ def config(overrides: list[str], base: Path | None = FASHION_CONFIG):  # noqa: D
     return load_config(base, overrides)
 
 
+def label_noise_overrides(n: int, epochs: int, model: str, ft_epochs: int) -> list[str]:
+    """The label-noise benchmarks' common settings (label_noise.py, detection_vs_cleanlab.py): one
+    list, so the second reuses the first's data and Initial stages (their fingerprints match).
+    Fine-tuning: the paper's Adam lr 1e-3."""
+    return [
+        f"data.max_train_samples={n}",
+        "data.shard_rows=2048",
+        f"model.name={model}",
+        f"initial.epochs={epochs}",
+        "initial.batch_size=64",
+        f"retrain.epochs={epochs}",
+        "retrain.batch_size=64",
+        f"l_ft.epochs={ft_epochs}",
+        f"f_ft.epochs={ft_epochs}",
+        "l_ft.lr=1e-3",
+        "f_ft.lr=1e-3",
+        "attribution.rule=loss",
+        "run.executor=local",
+    ]
+
+
 def has_detection_section() -> bool:
     """True once raypipe.config grows a `detection` section (neighbour-agreement detection)."""
     import dataclasses

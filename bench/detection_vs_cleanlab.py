@@ -112,20 +112,8 @@ def main() -> None:
     started, load_start = time.perf_counter(), C.loadavg()
     C.ensure_fashion_mnist()
     n, epochs, noises = (1000, 3, ["sym40"]) if args.quick else (args.n, args.epochs, list(NOISES))
-    # Exactly label_noise.py's settings, so its data / initial stages can be reused.
-    common = [
-        f"data.max_train_samples={n}",
-        "data.shard_rows=2048",
-        f"model.name={args.model}",
-        f"initial.epochs={epochs}",
-        "initial.batch_size=64",
-        f"retrain.epochs={epochs}",
-        "retrain.batch_size=64",
-        f"l_ft.epochs={1 if args.quick else 5}",
-        f"f_ft.epochs={1 if args.quick else 5}",
-        "attribution.rule=loss",
-        "run.executor=local",
-    ]
+    # label_noise.py's settings, so its data / initial stages are reused.
+    common = C.label_noise_overrides(n, epochs, args.model, 1 if args.quick else 10)
     params = {
         "dataset": "fashion-mnist subset",
         "train_samples": n,

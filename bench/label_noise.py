@@ -75,21 +75,7 @@ def main() -> None:
         )
     else:
         n, epochs, ft_epochs, noises, variants = args.n, args.epochs, args.ft_epochs, args.noises.split(","), VARIANTS
-    common = [
-        f"data.max_train_samples={n}",
-        "data.shard_rows=2048",
-        f"model.name={args.model}",
-        f"initial.epochs={epochs}",
-        "initial.batch_size=64",
-        f"retrain.epochs={epochs}",
-        "retrain.batch_size=64",
-        f"l_ft.epochs={ft_epochs}",
-        f"f_ft.epochs={ft_epochs}",
-        "l_ft.lr=1e-3",
-        "f_ft.lr=1e-3",
-        "attribution.rule=loss",
-        "run.executor=local",
-    ]
+    common = C.label_noise_overrides(n, epochs, args.model, ft_epochs)
     params = {
         "dataset": "fashion-mnist subset, official 10k test split (clean)",
         "train_samples": n,
