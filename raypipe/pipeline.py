@@ -155,6 +155,22 @@ def data_and_initial(p: Pipeline, executor, log=print) -> tuple[dict[str, Any], 
     return data, signature
 
 
+def attribution_stage(
+    p: Pipeline, rule: str, data_uri: str, data: dict[str, Any], initial_model: str, executor, log=print
+) -> dict[str, Any]:
+    """Stage 3 under `p` for one rule (`raypipe run`, and the sweep once per rule): only the shards
+    without a finished output are computed."""
+    cfg = p.config
+
+    def body(uri: str) -> dict[str, Any]:
+        jobs = attribute.pending_shards(prepare.train_shards(data_uri), uri)
+        log(f"[attribution] rule {rule}: {len(jobs)} of {data['n_shards']} shards to compute")
+        rows = executor.attribute(initial_model, jobs, rule, cfg.attribution.batch_size, cfg.run.device)
+        return {"rule": rule, "rows": data["rows"]["train"], "rows_computed": rows}
+
+    return p.stage("attribution", {"rule": rule}, ["data", "initial"], body)
+
+
 def run(config: Config, run_uri: str, executor=None, from_stage: str | None = None, log=print) -> dict[str, Any]:
     """Run (or resume) the whole RLAP pipeline under `run_uri`; return the report."""
     from raypipe.executor import LocalExecutor
@@ -168,19 +184,12 @@ def run(config: Config, run_uri: str, executor=None, from_stage: str | None = No
     storage.makedirs(run_uri)
     storage.write_bytes(storage.join(run_uri, "config.yaml"), dump_config(cfg).encode())
     p = Pipeline(cfg, run_uri, executor, from_stage, log)
-    device = cfg.run.device
 
     data, _ = data_and_initial(p, executor, log)
     initial_model = storage.join(p.uri("initial"), "model.pt")
 
     # 3. Attribution, shard by shard (finished shards of an interrupted run are kept).
-    def attribution_body(uri: str) -> dict[str, Any]:
-        jobs = attribute.pending_shards(prepare.train_shards(p.uri("data")), uri)
-        log(f"[attribution] rule {cfg.attribution.rule}: {len(jobs)} of {data['n_shards']} shards to compute")
-        rows = executor.attribute(initial_model, jobs, cfg.attribution.rule, cfg.attribution.batch_size, device)
-        return {"rule": cfg.attribution.rule, "rows": data["rows"]["train"], "rows_computed": rows}
-
-    p.stage("attribution", {"rule": cfg.attribution.rule}, ["data", "initial"], attribution_body)
+    attribution_stage(p, cfg.attribution.rule, p.uri("data"), data, initial_model, executor, log)
 
     # 4. Partition: per-sample detection signals, p_noisy for every sample, the split at tau.
     trajectory_uri = storage.join(p.uri("initial"), "trajectory")

@@ -54,7 +54,7 @@ from raypipe.data import SampleSet
 from raypipe.errors import ConfigError, DataError, RaypipeError
 from raypipe.executor import LocalExecutor
 from raypipe.models import checkpoint_dict, load_model, save_model
-from raypipe.pipeline import Pipeline, data_and_initial
+from raypipe.pipeline import Pipeline, attribution_stage, data_and_initial
 from raypipe.stages import partition, prepare, prune
 from raypipe.stages.train import TrainRequest, starting_model, training_samples
 from raypipe.training import evaluate, make_optimizer, resolve_device, train_epoch, trainable_parameters
@@ -284,17 +284,7 @@ def prepare_base(config: Config, sweep_uri: str, executor, log=print) -> dict[st
     for rule in cfg.sweep.rules:
         pr = Pipeline(cfg, lay.rule_root(rule), executor, log=log)
         pr.manifests.update({k: p.manifests[k] for k in ("data", "initial")})
-
-        def attribution_body(uri: str, rule: str = rule) -> dict[str, Any]:
-            jobs = prepare.train_shards(lay.data)
-            from raypipe.stages.attribute import pending_shards
-
-            jobs = pending_shards(jobs, uri)
-            log(f"[attribution] rule {rule}: {len(jobs)} of {data['n_shards']} shards to compute")
-            rows = executor.attribute(lay.initial_model, jobs, rule, cfg.attribution.batch_size, cfg.run.device)
-            return {"rule": rule, "rows": data["rows"]["train"], "rows_computed": rows}
-
-        attributions[rule] = pr.stage("attribution", {"rule": rule}, ["data", "initial"], attribution_body)
+        attributions[rule] = attribution_stage(pr, rule, lay.data, data, lay.initial_model, executor, log)
         ran += [f"base/{rule}/{s}" for s in pr.ran]
     return {"data": data, "initial": p.manifests["initial"], "attribution": attributions, "ran": ran}
 
