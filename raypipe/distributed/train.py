@@ -232,9 +232,7 @@ def train_on_ray(
         ids = clean_ids(request.partition_uri)  # [n_clean] int64: 8 bytes a sample, shipped once per task
         n_train = len(ids)
         dataset = dataset.map_batches(_keep_ids, fn_args=(ids,), batch_format="pyarrow")
-    storage_path = storage.join(request.out_uri, "ray_train")
-    if not storage.is_remote(storage_path):
-        storage_path = os.path.abspath(storage_path)
+    storage_path = storage.absolute(storage.join(request.out_uri, "ray_train"))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
