@@ -162,6 +162,9 @@ class PartitionConfig:
     # costs O(dims^2) per component and is ill-conditioned in high dimension).
     max_features: int = 32
     reg_covar: float = 1e-4
+    # EM restarts of the mixture (the best likelihood wins). With 2, the paper's rule on the paper's
+    # setting fell into a 20/80 local optimum for 1 seed of 3 (F1 0.77 against 0.96 with 10).
+    n_init: int = 10
     # A mixture component lighter than this is a few outliers, not a cluster: they are left out and
     # the mixture refitted (raypipe.partition.fit_mixture).
     min_component_weight: float = 0.01
@@ -173,6 +176,7 @@ class PartitionConfig:
         _check(self.max_fit_rows >= 10, "partition.max_fit_rows", "must be >= 10")
         _check(self.max_features >= 1, "partition.max_features", "must be >= 1")
         _check(self.reg_covar > 0, "partition.reg_covar", "must be > 0")
+        _check(self.n_init >= 1, "partition.n_init", "must be >= 1")
         _check(0.0 <= self.min_component_weight < 0.5, "partition.min_component_weight", "must be in [0, 0.5)")
         _check(0.0 <= self.min_clean_fraction < 1.0, "partition.min_clean_fraction", "must be in [0, 1)")
 

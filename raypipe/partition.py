@@ -104,7 +104,7 @@ def fit_mixture(attribution: np.ndarray, loss: np.ndarray, cfg: PartitionConfig,
         transform = _transform_for(attribution.shape[1], int(keep.sum()), cfg, seed)
         z = transform.fit_transform(attribution[keep])  # [n_kept, m']
         mixture = GaussianMixture(
-            n_components=2, covariance_type="full", reg_covar=cfg.reg_covar, random_state=seed, n_init=2
+            n_components=2, covariance_type="full", reg_covar=cfg.reg_covar, random_state=seed, n_init=cfg.n_init
         ).fit(z)
         tiny = int(np.argmin(mixture.weights_))
         if mixture.weights_[tiny] >= cfg.min_component_weight or attempt == MAX_OUTLIER_REFITS:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from raypipe.config import PartitionConfig
-from raypipe.errors import RaypipeError
+from raypipe.errors import ConfigError, RaypipeError
 from raypipe.partition import check_clean_side, detection_metrics, fit_mixture, split, uniform_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -175,3 +175,13 @@ def test_uniform_rows():
     assert np.all(np.diff(rows) > 0) and rows.min() >= 0 and rows.max() < 1000
     assert np.array_equal(rows, uniform_rows(1000, 100, seed=3))
     assert not np.array_equal(rows, uniform_rows(1000, 100, seed=4))
+
+
+def test_mixture_restarts_follow_the_config():
+    """partition.n_init EM restarts, the best likelihood kept (2 restarts once stopped in a 20/80 local
+    optimum on the paper's setting); at least one restart is required."""
+    attribution, loss, _ = _planted(300, 200, seed=3)
+    assert PartitionConfig().n_init == 10
+    assert fit_mixture(attribution, loss, PartitionConfig(n_init=3), seed=0).mixture.n_init == 3
+    with pytest.raises(ConfigError, match="partition.n_init"):
+        PartitionConfig(n_init=0).validate()
