@@ -6,6 +6,10 @@ Routes (METHOD.md step 4):
 - l_ft:    from the pruned model, on the clean part, only the head (fc, fc2) trains;
 - f_ft:    from the pruned model, on the clean part, every layer trains.
 The Ray Train wrapper calls the same `train_epoch` on its shard of the data.
+
+In one process, l_ft computes the frozen backbone's features once (eval mode, as its epochs see
+them) and trains the head on them: the same arithmetic, without a backbone forward pass per epoch
+(METHOD.md: the paper's L-FT still ran the backbone every epoch).
 """
 
 from __future__ import annotations
@@ -23,6 +27,29 @@ from raypipe.config import TrainConfig
 from raypipe.models import ProbedModel
 
 FRESH_ROUTES = ("initial", "retrain")  # start from a new model; the others from the pruned one
+# l_ft trains on cached backbone features when they take at most this much memory ([N, F] float32).
+FEATURE_CACHE_MAX_BYTES = 2 * 2**30
+
+
+class _Head(torch.nn.Module):
+    """The head of a ProbedModel (probe layer, mask, last layer) on cached features [B, F] -> [B, C];
+    its parameters are the model's own, so training it trains the model's head."""
+
+    def __init__(self, model: ProbedModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.head_from_probe(self.model.probe(features))
+
+
+@torch.no_grad()
+def backbone_features(
+    model: ProbedModel, x: torch.Tensor, device: torch.device, batch_size: int = 1024
+) -> torch.Tensor:
+    """x [N, *shape] -> [N, F] features of the backbone in eval mode (BatchNorm statistics frozen)."""
+    model.backbone.eval()
+    return torch.cat([model.features(x[i : i + batch_size].to(device)) for i in range(0, len(x), batch_size)])
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -63,8 +90,9 @@ def train_epoch(
 ) -> dict[str, float]:
     """One pass over `batches` of (x [B, *shape], y [B]); returns mean loss and accuracy on them."""
     model.train()
-    if route == "l_ft":  # frozen backbone: keep its BatchNorm statistics frozen too
-        getattr(model, "module", model).backbone.eval()
+    inner = getattr(model, "module", model)
+    if route == "l_ft" and hasattr(inner, "backbone"):  # frozen backbone: keep its BatchNorm statistics frozen too
+        inner.backbone.eval()
     total_loss, correct, seen = 0.0, 0, 0
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -136,10 +164,15 @@ def fit(
     y_t = torch.tensor(y, dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
     result = TrainResult()
+    trained = model
+    if route == "l_ft" and len(x_t) * model.fc.in_features * 4 <= FEATURE_CACHE_MAX_BYTES:
+        start = time.perf_counter()
+        x_t, trained = backbone_features(model, x_t, device).cpu(), _Head(model)  # [N, F]
+        result.seconds_total += time.perf_counter() - start  # counted as training time: the route pays it
     for epoch in range(cfg.epochs):
         start = time.perf_counter()
         metrics = train_epoch(
-            model, tensor_batches(x_t, y_t, cfg.batch_size, True, generator), optimizer, route, device
+            trained, tensor_batches(x_t, y_t, cfg.batch_size, True, generator), optimizer, route, device
         )
         elapsed = time.perf_counter() - start
         result.epochs += 1

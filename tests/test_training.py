@@ -50,6 +50,29 @@ def test_l_ft_trains_only_the_head():
         assert not torch.equal(dict(model.named_parameters())[name], head0[name]), name
 
 
+def test_l_ft_on_cached_features_equals_l_ft_through_the_backbone(monkeypatch):
+    """l_ft trains the head on backbone features computed once (eval mode): the same arithmetic as a
+    backbone forward pass per epoch, so the same head, loss and accuracy come out."""
+    import raypipe.training as training
+
+    x, y = _blobs(96, seed=1)
+    cached, direct = _bn_model(seed=3), _bn_model(seed=3)
+    cfg = TrainConfig(epochs=3, optimizer="adam", lr=1e-2, batch_size=16)
+    calls = {"cached": 0, "direct": 0}
+    cached.backbone.register_forward_hook(lambda *_: calls.__setitem__("cached", calls["cached"] + 1))
+    direct.backbone.register_forward_hook(lambda *_: calls.__setitem__("direct", calls["direct"] + 1))
+    result_cached = fit(cached, x, y, cfg, route="l_ft", device=CPU, seed=5)
+    monkeypatch.setattr(training, "FEATURE_CACHE_MAX_BYTES", 0)  # too small: the backbone runs every epoch
+    result_direct = fit(direct, x, y, cfg, route="l_ft", device=CPU, seed=5)
+    assert calls == {"cached": 1, "direct": 3 * 6}  # one pass over 96 samples, against 6 batches x 3 epochs
+    for (name, a), b in zip(cached.state_dict().items(), direct.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), name
+    for h_cached, h_direct in zip(result_cached.history, result_direct.history, strict=True):
+        assert h_cached["train_loss"] == pytest.approx(h_direct["train_loss"], abs=1e-5)
+        assert h_cached["train_accuracy"] == h_direct["train_accuracy"]
+    assert result_cached.seconds_total > 0
+
+
 def test_f_ft_trains_the_backbone():
     x, y = _blobs(96, seed=0)
     model = _bn_model()
