@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every full benchmark, one after the other (the order matters: detection_vs_cleanlab reuses
-# label_noise's runs). About 2 hours on a quiet 2-CPU machine. Logs: bench/results/logs/.
+# label_noise's runs). About 30 minutes on a quiet 2-CPU machine. Logs: bench/results/logs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench/results/logs
