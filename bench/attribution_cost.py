@@ -51,7 +51,7 @@ def published_maxclass_backward(model, x: torch.Tensor) -> torch.Tensor:
 
 
 def bench_model(name: str, model, x: np.ndarray, y: np.ndarray, batch: int, repeats: int, ref_n: int) -> dict:
-    from raypipe.attribution import attribute_batch, reference_attribution
+    from raypipe.core.attribution import attribute_batch, reference_attribution
 
     model.eval()
     xt = torch.tensor(x, dtype=torch.float32)
@@ -149,7 +149,7 @@ def main() -> None:
     C.set_threads(args.threads)
     started, load_start = time.perf_counter(), C.loadavg()
     from raypipe.config import ModelConfig
-    from raypipe.models import build_model
+    from raypipe.core.models import build_model
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

@@ -217,7 +217,7 @@ def copy_stages(src: Path, dst: Path, stages: tuple[str, ...] = ("data", "initia
 
 def train_truth(run_dir: Path):
     """The noisy training split of a run, with its ground truth (SampleSet)."""
-    from raypipe.stages.prepare import read_split
+    from raypipe.stages.data import read_split
 
     return read_split(str(run_dir / "data"), "train")
 
@@ -233,7 +233,7 @@ def write_partition_from_flags(data_uri: str, out_dir: Path, flagged_by_id: dict
     import pyarrow.parquet as pq
 
     from raypipe import storage
-    from raypipe.stages.prepare import train_shards
+    from raypipe.stages.data import train_shards
     from raypipe.tables import columns_from_table, table_from_columns
 
     fresh_dir(out_dir)

@@ -45,8 +45,8 @@ def cleanlab_detect(cfg, run_dir, folds: int, seed: int, log) -> dict:
     from cleanlab.rank import get_label_quality_scores
     from sklearn.model_selection import StratifiedKFold
 
-    from raypipe.models import build_model
-    from raypipe.training import fit, predict_logits
+    from raypipe.core.models import build_model
+    from raypipe.training.loop import fit, predict_logits
 
     train = C.train_truth(run_dir)
     device = torch.device("cpu")

@@ -1,7 +1,25 @@
-"""raypipe: repair a model trained on noisy data (RLAP) on Ray."""
+"""raypipe: repair a model trained on noisy data (RLAP) on Ray.
 
-from raypipe.api import run
-from raypipe.config import Config, load_config
+The public API is imported lazily, so ``import raypipe.core.models`` (as a Ray worker does) does not
+pay for the pipeline, the executors or Ray.
+"""
 
-__all__ = ["Config", "load_config", "run"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "run": "raypipe.api",
+    "Config": "raypipe.config",
+    "load_config": "raypipe.config",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'raypipe' has no attribute {name!r}")

@@ -9,10 +9,10 @@ from raypipe.config import Config
 
 def make_executor(config: Config, log=print):
     if config.run.executor == "ray":
-        from raypipe.distributed.executor import RayExecutor
+        from raypipe.distributed.ray_executor import RayExecutor
 
         return RayExecutor(config, log)
-    from raypipe.executor import LocalExecutor
+    from raypipe.executors import LocalExecutor
 
     return LocalExecutor(log)
 

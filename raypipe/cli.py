@@ -65,7 +65,7 @@ def run_command(args: argparse.Namespace) -> int:
 def sweep_command(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides, args.default)
     print("raypipe config:\n" + dump_config(config), flush=True)
-    from raypipe.distributed.sweep import run_sweep
+    from raypipe.distributed.tune import run_sweep
 
     run_sweep(config, args.out)
     return 0

@@ -22,10 +22,11 @@ from typing import Any
 from raypipe import storage
 from raypipe.config import Config, dump_config
 from raypipe.errors import ConfigError
-from raypipe.models import check_signature, load_model, model_signature, save_model, saved_signature
-from raypipe.stages import attribute, partition, prepare, prune
+from raypipe.core.models import check_signature, load_model, model_signature, save_model, saved_signature
+from raypipe.stages import attribution as attribute, partition, prune
+from raypipe.stages import data as prepare
 from raypipe.stages.train import TrainRequest
-from raypipe.training import evaluate, resolve_device
+from raypipe.training.loop import evaluate, resolve_device
 
 STAGES = ("data", "initial", "attribution", "partition", "prune", "l_ft", "f_ft", "retrain")
 PENDING = "_pending.json"
@@ -173,8 +174,8 @@ def attribution_stage(
 
 def run(config: Config, run_uri: str, executor=None, from_stage: str | None = None, log=print) -> dict[str, Any]:
     """Run (or resume) the whole RLAP pipeline under `run_uri`; return the report."""
-    from raypipe.executor import LocalExecutor
-    from raypipe.report import write_report
+    from raypipe.executors import LocalExecutor
+    from raypipe.report.report import write_report
 
     executor = executor or LocalExecutor(log)
     cfg = config

@@ -3,7 +3,7 @@
 `raypipe sweep` searches the repair's settings: the partition threshold ``tau``, the prune
 fraction, the attribution rule, the fine-tuning route (``l_ft`` / ``f_ft``), its learning rate and
 its epochs (``sweep.*`` in the config). Ray Tune runs the trials and stops bad ones early (ASHA);
-that wrapper is :mod:`raypipe.distributed.sweep`. Everything here is plain Python over URIs.
+that wrapper is :mod:`raypipe.distributed.tune`. Everything here is plain Python over URIs.
 
 Layout under ``<sweep>/`` (a local path, ``s3://`` or ``gs://``):
 
@@ -52,12 +52,12 @@ from raypipe import storage
 from raypipe.config import Config, SweepConfig, dump_config
 from raypipe.data import SampleSet
 from raypipe.errors import ConfigError, DataError, RaypipeError
-from raypipe.executor import LocalExecutor
-from raypipe.models import checkpoint_dict, load_model, save_model
+from raypipe.executors import LocalExecutor
+from raypipe.core.models import checkpoint_dict, load_model, save_model
 from raypipe.pipeline import Pipeline, attribution_stage, data_and_initial
-from raypipe.stages import partition, prepare, prune
+from raypipe.stages import data as prepare, partition, prune
 from raypipe.stages.train import TrainRequest, starting_model, training_samples
-from raypipe.training import evaluate, make_optimizer, resolve_device, train_epoch, trainable_parameters
+from raypipe.training.loop import evaluate, make_optimizer, resolve_device, train_epoch, trainable_parameters
 
 METRIC = "val_accuracy"
 FINETUNE_FILE = "finetune.pt"

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raypipe.attribution import RULES, attribute_batch, attribution_width, reference_attribution
+from raypipe.core.attribution import RULES, attribute_batch, attribution_width, reference_attribution
 from raypipe.config import ModelConfig
-from raypipe.models import ProbedModel, build_model
-from raypipe.pruning import prune_neurons
+from raypipe.core.models import ProbedModel, build_model
+from raypipe.core.pruning import prune_neurons
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

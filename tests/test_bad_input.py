@@ -29,7 +29,7 @@ from test_data import make_cifar_raw, make_idx_dir, write_cifar_binary, write_ci
 from raypipe.cli import main
 from raypipe.config import ModelConfig, RayConfig
 from raypipe.errors import RaypipeError
-from raypipe.models import build_model, model_signature, save_model
+from raypipe.core.models import build_model, model_signature, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["run.device=cpu", "data.max_train_samples=200", "data.shard_rows=100", "run.routes=[f_ft]", "f_ft.epochs=1"]

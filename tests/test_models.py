@@ -13,7 +13,7 @@ import torch
 from raypipe import storage
 from raypipe.config import ModelConfig
 from raypipe.errors import CheckpointError, ConfigError
-from raypipe.models import ProbedModel, build_model, load_model, model_signature, save_model
+from raypipe.core.models import ProbedModel, build_model, load_model, model_signature, save_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,7 +68,7 @@ def test_head_parameters_are_fc_and_fc2():
 
 FACTORY_SOURCE = """
 import torch
-from raypipe.models import ProbedModel
+from raypipe.core.models import ProbedModel
 
 CALLS = []
 

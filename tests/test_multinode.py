@@ -123,7 +123,7 @@ def test_cluster_requires_the_token(cluster):
 
 
 def test_plan_counts_only_labelled_nodes(cluster):
-    from raypipe.distributed.executor import placement_resources, schedulable_nodes, schedulable_resources
+    from raypipe.distributed.ray_executor import placement_resources, schedulable_nodes, schedulable_resources
     from raypipe.distributed.resources import plan_resources
 
     assert ray.cluster_resources()["CPU"] == 3  # the head's CPU is in the cluster...

@@ -27,9 +27,9 @@ ray = pytest.importorskip("ray")
 
 from raypipe import storage  # noqa: E402
 from raypipe.config import ModelConfig, load_config  # noqa: E402
-from raypipe.executor import LocalExecutor  # noqa: E402
-from raypipe.models import build_model, model_signature, save_model  # noqa: E402
-from raypipe.stages import attribute, prepare  # noqa: E402
+from raypipe.executors import LocalExecutor  # noqa: E402
+from raypipe.core.models import build_model, model_signature, save_model  # noqa: E402
+from raypipe.stages import attribution as attribute, data as prepare  # noqa: E402
 from raypipe.tables import columns_from_table  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -45,7 +45,7 @@ import time
 import torch
 from torch import nn
 
-from raypipe.models import ProbedModel
+from raypipe.core.models import ProbedModel
 
 
 class Slow(nn.Module):
@@ -144,7 +144,7 @@ def _read(uri: str) -> dict[str, np.ndarray]:
 
 
 def test_node_lost_during_attribution(cluster, inputs, tmp_path):
-    from raypipe.distributed.executor import RayExecutor
+    from raypipe.distributed.ray_executor import RayExecutor
 
     c, node_dir = cluster
     shards, model_uri = inputs

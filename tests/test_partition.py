@@ -9,7 +9,7 @@ import pytest
 
 from raypipe.config import PartitionConfig
 from raypipe.errors import ConfigError, RaypipeError
-from raypipe.partition import check_clean_side, detection_metrics, fit_mixture, split, uniform_rows
+from raypipe.core.mixture import check_clean_side, detection_metrics, fit_mixture, split, uniform_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,7 +92,7 @@ def test_a_component_on_a_few_outliers_is_refitted_without_them():
 def test_when_the_refits_run_out_the_last_fit_is_consistent(monkeypatch, max_refits):
     """However few refits are allowed, the fit returned matches the rows it was fitted on (a crash
     once: the loss of the kept rows against responsibilities of the rows before the last trim)."""
-    import raypipe.partition as partition
+    import raypipe.core.mixture as partition
 
     monkeypatch.setattr(partition, "MAX_OUTLIER_REFITS", max_refits)
     attribution, loss, _ = _blob_with_outliers()

@@ -10,10 +10,10 @@ ray = pytest.importorskip("ray")
 
 from raypipe import storage  # noqa: E402
 from raypipe.config import load_config  # noqa: E402
-from raypipe.executor import LocalExecutor  # noqa: E402
+from raypipe.executors import LocalExecutor  # noqa: E402
 from raypipe.pipeline import Pipeline, run  # noqa: E402
-from raypipe.sensitivity import SufficientStats  # noqa: E402
-from raypipe.stages import attribute, prepare, prune  # noqa: E402
+from raypipe.core.sensitivity import SufficientStats  # noqa: E402
+from raypipe.stages import attribution as attribute, data as prepare, prune  # noqa: E402
 from raypipe.stages.partition import read_partition  # noqa: E402
 from raypipe.tables import columns_from_table  # noqa: E402
 
@@ -31,7 +31,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def ray_executor(ray_cluster):
-    from raypipe.distributed.executor import RayExecutor
+    from raypipe.distributed.ray_executor import RayExecutor
 
     return RayExecutor(load_config(None, ["run.executor=ray"]), log=lambda *_: None)
 

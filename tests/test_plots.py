@@ -1,4 +1,4 @@
-"""raypipe.plots: the PNGs of a finished run (tiny digits runs on CPU, seconds)."""
+"""raypipe.report.plots: the PNGs of a finished run (tiny digits runs on CPU, seconds)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import raypipe
-from raypipe.plots import write_plots
+from raypipe.report.plots import write_plots
 
 QUICK = [
     "initial.epochs=5",

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from raypipe.config import ModelConfig, TrainConfig
-from raypipe.models import ProbedModel, build_model, load_model, model_signature, save_model
-from raypipe.pruning import prune_neurons, pruned_mask
-from raypipe.training import fit
+from raypipe.core.models import ProbedModel, build_model, load_model, model_signature, save_model
+from raypipe.core.pruning import prune_neurons, pruned_mask
+from raypipe.training.loop import fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

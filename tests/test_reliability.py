@@ -26,7 +26,7 @@ import pytest
 
 from raypipe import storage
 from raypipe.config import load_config
-from raypipe.executor import LocalExecutor
+from raypipe.executors import LocalExecutor
 from raypipe.pipeline import PENDING, Pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def stop_here(what):
 
 where = os.environ["STOP_WHERE"]
 if where == "attribution":  # inside the stage: after STOP_AFTER shards are published
-    from raypipe.stages import attribute
+    from raypipe.stages import attribution as attribute
 
     call, done = attribute.ShardAttributor.__call__, []
 

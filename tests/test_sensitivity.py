@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LinearRegression
 
-from raypipe.sensitivity import SufficientStats, rank_neurons
+from raypipe.core.sensitivity import SufficientStats, rank_neurons
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,13 +11,13 @@ import pytest
 from raypipe import storage
 from raypipe.config import load_config
 from raypipe.detection import margins_and_losses
-from raypipe.executor import LocalExecutor
-from raypipe.models import load_model
+from raypipe.executors import LocalExecutor
+from raypipe.core.models import load_model
 from raypipe.pipeline import run
-from raypipe.stages import prepare
+from raypipe.stages import data as prepare
 from raypipe.stages.train import TrainRequest, train_local
 from raypipe.tables import columns_from_table
-from raypipe.training import predict_logits
+from raypipe.training.loop import predict_logits
 
 QUIET = {"log": lambda *_: None}
 

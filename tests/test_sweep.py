@@ -138,7 +138,7 @@ def test_trusted_validation_set_formats(tmp_path):
     import pyarrow as pa
 
     from raypipe.data import table_from_samples
-    from raypipe.stages import prepare
+    from raypipe.stages import data as prepare
 
     out = str(tmp_path / "sweep")
     config = load_config(None, QUICK)
@@ -182,7 +182,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def sweep_a(ray_cluster, tmp_path_factory):
-    from raypipe.distributed.sweep import run_sweep
+    from raypipe.distributed.tune import run_sweep
 
     out = tmp_path_factory.mktemp("sweep") / "a"
     # A relative --out, as users type it (trials run in other working directories).
@@ -210,9 +210,9 @@ def test_sweep_completes_stops_bad_trials_and_picks_the_best(sweep_a):
     # best/: a runnable config of that trial and its repaired model (the weights its objective was measured on)
     best_cfg = load_config(str(out / "best" / "config.yaml"))
     assert (best_cfg.l_ft.lr, best_cfg.attribution.rule, best_cfg.run.routes) == (0.001, best["rule"], ["l_ft"])
-    from raypipe.models import load_model
-    from raypipe.stages.prepare import read_split
-    from raypipe.training import evaluate, resolve_device
+    from raypipe.core.models import load_model
+    from raypipe.stages.data import read_split
+    from raypipe.training.loop import evaluate, resolve_device
 
     model, _, extra = load_model(str(out / "best" / "model.pt"))
     val = read_split(str(out / "base" / "data"), "val")
@@ -224,7 +224,7 @@ def test_sweep_completes_stops_bad_trials_and_picks_the_best(sweep_a):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_attributions_computed_once_per_rule_and_rerun_redoes_nothing(sweep_a):
-    from raypipe.distributed.sweep import run_sweep
+    from raypipe.distributed.tune import run_sweep
 
     out, result = sweep_a
     rules = ["loss", "grad_x_act_label"]
@@ -269,7 +269,7 @@ def _terminated(tune_dir: Path) -> set[str] | None:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_rerunning_finished_trials(sweep_a, ray_cluster, tmp_path):
-    from raypipe.distributed.sweep import run_sweep
+    from raypipe.distributed.tune import run_sweep
 
     out_a, _ = sweep_a
     out = tmp_path / "b"
@@ -312,8 +312,8 @@ def test_ray_train_inside_tune_trials_with_a_trusted_objective(sweep_a, tmp_path
     """workers_per_trial=2: each trial's fine-tuning is a TorchTrainer started inside the Tune
     function; its per-epoch reports reach Tune (ASHA's input) through TuneReportCallback."""
     from raypipe.data import table_from_samples
-    from raypipe.distributed.sweep import run_sweep
-    from raypipe.stages.prepare import read_split
+    from raypipe.distributed.tune import run_sweep
+    from raypipe.stages.data import read_split
 
     out_a, _ = sweep_a
     out = tmp_path / "c"
@@ -352,7 +352,7 @@ def test_crashing_trials_are_retried_or_recorded_and_the_sweep_still_picks_a_bes
     """Issue 6, item 4. One trial crashes once (Tune retries it: ray.max_failures=2) and completes;
     another crashes every time (1 try + 2 retries) and is recorded as `error` in the trials table;
     the sweep still writes its best from the trials that finished."""
-    from raypipe.distributed.sweep import TEST_CRASH_ENV, run_sweep
+    from raypipe.distributed.tune import TEST_CRASH_ENV, run_sweep
 
     markers = tmp_path / "markers"
     markers.mkdir()

@@ -9,8 +9,8 @@ from sklearn.metrics import accuracy_score, f1_score, precision_score
 from torch import nn
 
 from raypipe.config import ModelConfig, TrainConfig
-from raypipe.models import ProbedModel, build_model
-from raypipe.training import classification_metrics, evaluate, fit, predict_logits, tensor_batches
+from raypipe.core.models import ProbedModel, build_model
+from raypipe.training.loop import classification_metrics, evaluate, fit, predict_logits, tensor_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,7 +53,7 @@ def test_l_ft_trains_only_the_head():
 def test_l_ft_on_cached_features_equals_l_ft_through_the_backbone(monkeypatch):
     """l_ft trains the head on backbone features computed once (eval mode): the same arithmetic as a
     backbone forward pass per epoch, so the same head, loss and accuracy come out."""
-    import raypipe.training as training
+    import raypipe.training.loop as training
 
     x, y = _blobs(96, seed=1)
     cached, direct = _bn_model(seed=3), _bn_model(seed=3)

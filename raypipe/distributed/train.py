@@ -28,10 +28,10 @@ from raypipe import storage
 from raypipe.config import ModelConfig, TrainConfig
 from raypipe.data import batch_from_table
 from raypipe.distributed.resources import Plan
-from raypipe.models import save_model
-from raypipe.stages.prepare import read_split, train_shards
+from raypipe.core.models import save_model
+from raypipe.stages.data import read_split, train_shards
 from raypipe.stages.train import TrainRequest, clean_ids, make_recorder, starting_model, write_trajectory
-from raypipe.training import (
+from raypipe.training.loop import (
     evaluate,
     make_optimizer,
     predict_logits,
@@ -223,7 +223,7 @@ def train_on_ray(
     `placement`: custom resources each worker asks for on top of CPU / GPU (`ray.worker_resource`),
     which confines the workers to the nodes that declare them.
     """
-    from raypipe.models import load_model
+    from raypipe.core.models import load_model
 
     start = time.perf_counter()
     dataset = ray.data.read_parquet(train_shards(request.data_uri), shuffle=None)

@@ -14,9 +14,9 @@ import numpy as np
 
 from raypipe import storage
 from raypipe.config import PruneConfig
-from raypipe.models import load_model, save_model
-from raypipe.pruning import prune_neurons, pruned_mask
-from raypipe.sensitivity import SufficientStats, rank_neurons
+from raypipe.core.models import load_model, save_model
+from raypipe.core.pruning import prune_neurons, pruned_mask
+from raypipe.core.sensitivity import SufficientStats, rank_neurons
 from raypipe.tables import columns_from_table
 
 

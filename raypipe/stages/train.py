@@ -17,11 +17,11 @@ from raypipe import storage
 from raypipe.config import ModelConfig, TrainConfig
 from raypipe.data import SampleSet
 from raypipe.detection import TrajectoryRecorder
-from raypipe.models import build_model, load_model, save_model
+from raypipe.core.models import build_model, load_model, save_model
 from raypipe.stages.partition import read_partition
-from raypipe.stages.prepare import read_split
+from raypipe.stages.data import read_split
 from raypipe.tables import columns_from_table, table_from_columns
-from raypipe.training import FRESH_ROUTES, evaluate, fit, predict_logits, resolve_device
+from raypipe.training.loop import FRESH_ROUTES, evaluate, fit, predict_logits, resolve_device
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def training_samples(request: TrainRequest) -> SampleSet:
 
 def starting_model(request: TrainRequest, sample_shape, num_classes):
     """-> (model, signature): fresh for initial / retrain, else the checkpoint to repair."""
-    from raypipe.models import model_signature
+    from raypipe.core.models import model_signature
 
     if request.route in FRESH_ROUTES:
         import torch

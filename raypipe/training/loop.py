@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score, precision_score
 
 from raypipe.config import TrainConfig
-from raypipe.models import ProbedModel
+from raypipe.core.models import ProbedModel
 
 FRESH_ROUTES = ("initial", "retrain")  # start from a new model; the others from the pruned one
 # l_ft trains on cached backbone features when they take at most this much memory ([N, F] float32).

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from raypipe import storage
-from raypipe.report import REPAIR_OVERHEAD, ROUTE_ORDER, ROUTE_TITLES
+from raypipe.report.report import REPAIR_OVERHEAD, ROUTE_ORDER, ROUTE_TITLES
 from raypipe.tables import column_from_arrow
 
 DPI = 110

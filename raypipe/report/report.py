@@ -111,10 +111,10 @@ def render_markdown(report: dict[str, Any]) -> str:
 def write_report(run_uri: str, config: Config, manifests: dict[str, dict[str, Any]], log=print) -> dict[str, Any]:
     report = build_report(config, manifests)
     try:
-        from raypipe.plots import write_plots
+        from raypipe.report.plots import write_plots
 
         report["plots"] = write_plots(run_uri, report)
-    except ImportError:  # plots are optional until raypipe.plots exists
+    except ImportError:  # plots are optional until raypipe.report.plots exists
         report["plots"] = []
     storage.write_json(storage.join(run_uri, "report.json"), report)
     storage.write_bytes(storage.join(run_uri, "report.md"), render_markdown(report).encode())

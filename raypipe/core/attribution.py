@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, vmap
 
-from raypipe.models import ProbedModel
+from raypipe.core.models import ProbedModel
 
 RuleFn = Callable[[ProbedModel, torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -32,7 +32,7 @@ class LocalExecutor:
         return out
 
     def attribute(self, model_uri: str, jobs: list[tuple[str, str]], rule: str, batch_size: int, device: str) -> int:
-        from raypipe.stages.attribute import ShardAttributor
+        from raypipe.stages.attribution import ShardAttributor
 
         if not jobs:
             return 0

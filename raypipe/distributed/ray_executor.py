@@ -71,7 +71,7 @@ class _ShardActor:
     """Ray Data callable class: one model per actor; a batch = some (in_uri, out_uri) shard jobs."""
 
     def __init__(self, model_uri: str, rule: str, batch_size: int, device: str):
-        from raypipe.stages.attribute import ShardAttributor
+        from raypipe.stages.attribution import ShardAttributor
 
         self.attributor = ShardAttributor(model_uri, rule, batch_size, device)
 

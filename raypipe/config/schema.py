@@ -1,4 +1,4 @@
-"""Every setting of a raypipe run, with its default, in one place.
+"""Every setting of a raypipe run, with its default, in one place (the sweep adds its section: raypipe.sweep).
 
 One frozen dataclass per stage. A run's config is built from the defaults below, then a YAML file,
 then ``section.key=value`` overrides (the value parsed as YAML, so ``f_ft.lr=1e-4`` is a float and
@@ -8,15 +8,9 @@ with a message naming the key and what to change, before any work starts.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
-
-import yaml
+from typing import Any, Literal
 
 from raypipe.errors import ConfigError
 
@@ -27,7 +21,7 @@ SOURCES = ("digits", "fashion-mnist", "mnist", "cifar10", "parquet")
 MODELS = ("mlp", "cnn_small", "resnet18_cifar", "user")
 
 
-def _check(ok: bool, key: str, message: str) -> None:
+def check_setting(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}': {message}")
 
@@ -44,8 +38,8 @@ class RunConfig:
 
     def validate(self) -> None:
         for route in self.routes:
-            _check(route in REPAIR_ROUTES, "run.routes", f"unknown route '{route}'; use any of {list(REPAIR_ROUTES)}")
-        _check(len(set(self.routes)) == len(self.routes), "run.routes", "a route is listed twice")
+            check_setting(route in REPAIR_ROUTES, "run.routes", f"unknown route '{route}'; use any of {list(REPAIR_ROUTES)}")
+        check_setting(len(set(self.routes)) == len(self.routes), "run.routes", "a route is listed twice")
 
 
 @dataclass(frozen=True)
@@ -71,14 +65,14 @@ class DataConfig:
     shard_rows: int = 2048
 
     def validate(self) -> None:
-        _check(self.source in SOURCES, "data.source", f"unknown source '{self.source}'; use one of {list(SOURCES)}")
-        _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
-        _check(0.0 < self.test_fraction < 1.0, "data.test_fraction", "must be in (0, 1)")
-        _check(self.val_fraction + self.test_fraction < 1.0, "data.val_fraction", "val + test fractions must be < 1")
-        _check(self.max_train_samples is None or self.max_train_samples > 0, "data.max_train_samples", "must be > 0")
-        _check(self.shape is None or all(s > 0 for s in self.shape), "data.shape", "every size must be > 0")
-        _check(self.num_classes is None or self.num_classes >= 2, "data.num_classes", "must be >= 2")
-        _check(self.shard_rows >= 1, "data.shard_rows", "must be >= 1")
+        check_setting(self.source in SOURCES, "data.source", f"unknown source '{self.source}'; use one of {list(SOURCES)}")
+        check_setting(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+        check_setting(0.0 < self.test_fraction < 1.0, "data.test_fraction", "must be in (0, 1)")
+        check_setting(self.val_fraction + self.test_fraction < 1.0, "data.val_fraction", "val + test fractions must be < 1")
+        check_setting(self.max_train_samples is None or self.max_train_samples > 0, "data.max_train_samples", "must be > 0")
+        check_setting(self.shape is None or all(s > 0 for s in self.shape), "data.shape", "every size must be > 0")
+        check_setting(self.num_classes is None or self.num_classes >= 2, "data.num_classes", "must be >= 2")
+        check_setting(self.shard_rows >= 1, "data.shard_rows", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -94,8 +88,8 @@ class NoiseConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        _check(0.0 <= self.rate < 1.0, "noise.rate", f"{self.rate} is outside [0, 1); use e.g. noise.rate=0.4")
-        _check(self.sigma >= 0.0, "noise.sigma", "must be >= 0")
+        check_setting(0.0 <= self.rate < 1.0, "noise.rate", f"{self.rate} is outside [0, 1); use e.g. noise.rate=0.4")
+        check_setting(self.sigma >= 0.0, "noise.sigma", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -106,16 +100,16 @@ class ModelConfig:
     # mlp backbone width.
     hidden_width: int = 256
     # name=user: "package.module:callable", called as callable(input_shape, num_classes, probe_width)
-    # and returning a raypipe.models.ProbedModel.
+    # and returning a raypipe.core.models.ProbedModel.
     factory: str | None = None
     # A trained model to repair instead of running the `initial` route (a raypipe checkpoint).
     checkpoint: str | None = None
 
     def validate(self) -> None:
-        _check(self.name in MODELS, "model.name", f"unknown model '{self.name}'; use one of {list(MODELS)}")
-        _check(self.probe_width >= 2, "model.probe_width", "must be >= 2")
-        _check(self.hidden_width >= 1, "model.hidden_width", "must be >= 1")
-        _check(
+        check_setting(self.name in MODELS, "model.name", f"unknown model '{self.name}'; use one of {list(MODELS)}")
+        check_setting(self.probe_width >= 2, "model.probe_width", "must be >= 2")
+        check_setting(self.hidden_width >= 1, "model.hidden_width", "must be >= 1")
+        check_setting(
             (self.name == "user") == (self.factory is not None),
             "model.factory",
             "set model.factory=module:callable exactly when model.name=user",
@@ -132,10 +126,10 @@ class TrainConfig:
     batch_size: int = 64
 
     def validate(self, section: str = "train") -> None:
-        _check(self.epochs >= 1, f"{section}.epochs", "must be >= 1")
-        _check(self.lr > 0, f"{section}.lr", "must be > 0")
-        _check(self.batch_size >= 1, f"{section}.batch_size", "must be >= 1")
-        _check(self.weight_decay >= 0, f"{section}.weight_decay", "must be >= 0")
+        check_setting(self.epochs >= 1, f"{section}.epochs", "must be >= 1")
+        check_setting(self.lr > 0, f"{section}.lr", "must be > 0")
+        check_setting(self.batch_size >= 1, f"{section}.batch_size", "must be >= 1")
+        check_setting(self.weight_decay >= 0, f"{section}.weight_decay", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -146,8 +140,8 @@ class AttributionConfig:
     batch_size: int = 256
 
     def validate(self) -> None:
-        _check(self.rule in RULES, "attribution.rule", f"unknown rule '{self.rule}'; use one of {list(RULES)}")
-        _check(self.batch_size >= 1, "attribution.batch_size", "must be >= 1")
+        check_setting(self.rule in RULES, "attribution.rule", f"unknown rule '{self.rule}'; use one of {list(RULES)}")
+        check_setting(self.batch_size >= 1, "attribution.batch_size", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -172,13 +166,13 @@ class PartitionConfig:
     min_clean_fraction: float = 0.05
 
     def validate(self) -> None:
-        _check(0.0 < self.tau <= 1.0, "partition.tau", "must be in (0, 1]")
-        _check(self.max_fit_rows >= 10, "partition.max_fit_rows", "must be >= 10")
-        _check(self.max_features >= 1, "partition.max_features", "must be >= 1")
-        _check(self.reg_covar > 0, "partition.reg_covar", "must be > 0")
-        _check(self.n_init >= 1, "partition.n_init", "must be >= 1")
-        _check(0.0 <= self.min_component_weight < 0.5, "partition.min_component_weight", "must be in [0, 0.5)")
-        _check(0.0 <= self.min_clean_fraction < 1.0, "partition.min_clean_fraction", "must be in [0, 1)")
+        check_setting(0.0 < self.tau <= 1.0, "partition.tau", "must be in (0, 1]")
+        check_setting(self.max_fit_rows >= 10, "partition.max_fit_rows", "must be >= 10")
+        check_setting(self.max_features >= 1, "partition.max_features", "must be >= 1")
+        check_setting(self.reg_covar > 0, "partition.reg_covar", "must be > 0")
+        check_setting(self.n_init >= 1, "partition.n_init", "must be >= 1")
+        check_setting(0.0 <= self.min_component_weight < 0.5, "partition.min_component_weight", "must be in [0, 0.5)")
+        check_setting(0.0 <= self.min_clean_fraction < 1.0, "partition.min_clean_fraction", "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -215,10 +209,10 @@ class DetectionConfig:
     early_loss_epoch: int = 3
 
     def validate(self) -> None:
-        _check(self.k >= 1, "detection.k", "must be >= 1")
-        _check(self.max_reference >= 10, "detection.max_reference", "must be >= 10")
-        _check(self.aum_epochs >= 0, "detection.aum_epochs", "must be >= 0 (0 = do not record)")
-        _check(self.early_loss_epoch >= 1, "detection.early_loss_epoch", "must be >= 1 (1-based epoch)")
+        check_setting(self.k >= 1, "detection.k", "must be >= 1")
+        check_setting(self.max_reference >= 10, "detection.max_reference", "must be >= 10")
+        check_setting(self.aum_epochs >= 0, "detection.aum_epochs", "must be >= 0 (0 = do not record)")
+        check_setting(self.early_loss_epoch >= 1, "detection.early_loss_epoch", "must be >= 1 (1-based epoch)")
 
 
 @dataclass(frozen=True)
@@ -229,7 +223,7 @@ class PruneConfig:
     target: Literal["p_noisy", "indicator"] = "p_noisy"
 
     def validate(self) -> None:
-        _check(0.0 <= self.fraction < 1.0, "prune.fraction", "must be in [0, 1)")
+        check_setting(0.0 <= self.fraction < 1.0, "prune.fraction", "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -257,18 +251,18 @@ class RayConfig:
     worker_resource: str | None = None
 
     def validate(self) -> None:
-        _check(self.max_actors >= 0, "ray.max_actors", "must be >= 0")
-        _check(self.num_workers >= 0, "ray.num_workers", "must be >= 0")
-        _check(self.max_failures >= 0, "ray.max_failures", "must be >= 0")
-        _check(self.worker_cache_mb >= 0, "ray.worker_cache_mb", "must be >= 0")
+        check_setting(self.max_actors >= 0, "ray.max_actors", "must be >= 0")
+        check_setting(self.num_workers >= 0, "ray.num_workers", "must be >= 0")
+        check_setting(self.max_failures >= 0, "ray.max_failures", "must be >= 0")
+        check_setting(self.worker_cache_mb >= 0, "ray.worker_cache_mb", "must be >= 0")
         if self.worker_resource is not None:
             name = self.worker_resource
-            _check(
+            check_setting(
                 bool(name.strip()) and name == name.strip(),
                 "ray.worker_resource",
                 f"{name!r} is not a resource name; use e.g. ray.worker_resource=raypipe_worker",
             )
-            _check(
+            check_setting(
                 name not in ("CPU", "GPU", "memory", "object_store_memory") and not name.startswith("node:"),
                 "ray.worker_resource",
                 f"'{name}' is a built-in Ray resource; name a custom one declared with `ray start --resources`",
@@ -321,37 +315,39 @@ class SweepConfig:
             "epochs": self.epochs,
         }
         for name, values in axes.items():
-            _check(len(values) >= 1, f"sweep.{name}", "needs at least one value")
-            _check(len(set(values)) == len(values), f"sweep.{name}", "a value is listed twice")
+            check_setting(len(values) >= 1, f"sweep.{name}", "needs at least one value")
+            check_setting(len(set(values)) == len(values), f"sweep.{name}", "a value is listed twice")
         for v in self.tau:
-            _check(0.0 < v <= 1.0, "sweep.tau", f"{v} is outside (0, 1]")
+            check_setting(0.0 < v <= 1.0, "sweep.tau", f"{v} is outside (0, 1]")
         for v in self.prune_fraction:
-            _check(0.0 <= v < 1.0, "sweep.prune_fraction", f"{v} is outside [0, 1)")
+            check_setting(0.0 <= v < 1.0, "sweep.prune_fraction", f"{v} is outside [0, 1)")
         for v in self.rules:
-            _check(v in RULES, "sweep.rules", f"unknown rule '{v}'; use any of {list(RULES)}")
+            check_setting(v in RULES, "sweep.rules", f"unknown rule '{v}'; use any of {list(RULES)}")
         for v in self.routes:
-            _check(v in ("l_ft", "f_ft"), "sweep.routes", f"unknown route '{v}'; use any of ['l_ft', 'f_ft']")
+            check_setting(v in ("l_ft", "f_ft"), "sweep.routes", f"unknown route '{v}'; use any of ['l_ft', 'f_ft']")
         for v in self.lr:
-            _check(v > 0, "sweep.lr", f"{v} must be > 0")
+            check_setting(v > 0, "sweep.lr", f"{v} must be > 0")
         for v in self.epochs:
-            _check(v >= 1, "sweep.epochs", f"{v} must be >= 1")
-        _check(self.num_samples >= 0, "sweep.num_samples", "must be >= 0 (0 = every combination)")
-        _check(
+            check_setting(v >= 1, "sweep.epochs", f"{v} must be >= 1")
+        check_setting(self.num_samples >= 0, "sweep.num_samples", "must be >= 0 (0 = every combination)")
+        check_setting(
             self.objective != "trusted" or self.trusted_path is not None,
             "sweep.trusted_path",
             "sweep.objective=trusted needs a clean labelled Parquet set; set sweep.trusted_path=...",
         )
-        _check(self.cpus_per_trial > 0, "sweep.cpus_per_trial", "must be > 0 (fractions such as 0.5 work)")
-        _check(self.gpus_per_trial >= 0, "sweep.gpus_per_trial", "must be >= 0")
-        _check(self.workers_per_trial >= 1, "sweep.workers_per_trial", "must be >= 1")
-        _check(self.max_concurrent_trials >= 0, "sweep.max_concurrent_trials", "must be >= 0 (0 = from the cluster)")
-        _check(self.grace_period >= 1, "sweep.grace_period", "must be >= 1")
-        _check(
+        check_setting(self.cpus_per_trial > 0, "sweep.cpus_per_trial", "must be > 0 (fractions such as 0.5 work)")
+        check_setting(self.gpus_per_trial >= 0, "sweep.gpus_per_trial", "must be >= 0")
+        check_setting(self.workers_per_trial >= 1, "sweep.workers_per_trial", "must be >= 1")
+        check_setting(self.max_concurrent_trials >= 0, "sweep.max_concurrent_trials", "must be >= 0 (0 = from the cluster)")
+        check_setting(self.grace_period >= 1, "sweep.grace_period", "must be >= 1")
+        check_setting(
             self.grace_period <= max(self.epochs),
             "sweep.grace_period",
             f"{self.grace_period} is more than the most epochs a trial runs ({max(self.epochs)})",
         )
-        _check(self.reduction_factor > 1, "sweep.reduction_factor", "must be > 1")
+        check_setting(self.reduction_factor > 1, "sweep.reduction_factor", "must be > 1")
+
+
 
 
 @dataclass(frozen=True)
@@ -391,134 +387,3 @@ class Config:
         return getattr(self, name)
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading: dict -> dataclass with type checks.
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
-    origin = get_origin(tp)
-    if origin is typing.Union or origin is types.UnionType:
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
-    if origin is Literal:
-        choices = get_args(tp)
-        _check(value in choices, key, f"{value!r} is not one of {list(choices)}")
-        return value
-    if origin is list:
-        _check(isinstance(value, list), key, f"expected a list, got {value!r}")
-        (item_tp,) = get_args(tp)
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        _check(ok, key, f"expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        _check(isinstance(value, dict), key, f"expected a mapping of settings, got {value!r}")
-        return _build(tp, value, key)
-    raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
-
-
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    base = cls()  # unspecified fields keep the class's defaults; nested sections merge into them
-    kwargs = {}
-    for key, value in values.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in hints:
-            raise ConfigError(f"unknown config key '{full}'; known keys here: {sorted(hints)}")
-        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
-            value = {**dataclasses.asdict(getattr(base, key)), **value}
-        kwargs[key] = _coerce(value, hints[key], full)
-    return dataclasses.replace(base, **kwargs)
-
-
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"config key '{dotted}': '{part}' is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override '{item}' is not key=value; write e.g. noise.rate=0.4")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            value = raw
-        _set_dotted(tree, key.strip(), value)
-    return tree
-
-
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, defaults: list[str] | None = None
-) -> Config:
-    """Built-in defaults <- `defaults` (key=value, e.g. a job's own) <- YAML file <- key=value
-    overrides, validated."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file to --config")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of sections")
-        tree = loaded or {}
-    tree = _deep_merge(parse_overrides(defaults or []), tree)
-    tree = _deep_merge(tree, parse_overrides(overrides or []))
-    return config_from_dict(tree)
-
-
-def config_from_dict(tree: dict[str, Any]) -> Config:
-    return _build(Config, tree).validate()
-
-
-def dump_config(config: Config) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)

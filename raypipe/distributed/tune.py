@@ -30,7 +30,7 @@ from ray import tune
 from raypipe import storage
 from raypipe import sweep as core
 from raypipe.config import Config, ModelConfig, TrainConfig, config_from_dict
-from raypipe.distributed.executor import init_ray
+from raypipe.distributed.ray_executor import init_ray
 from raypipe.stages.train import TrainRequest
 
 TUNE_NAME = "tune"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from raypipe.models import ProbedModel
+from raypipe.core.models import ProbedModel
 
 
 @torch.no_grad()

@@ -13,11 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raypipe import storage
-from raypipe.attribution import attribute_batch
+from raypipe.core.attribution import attribute_batch
 from raypipe.data import batch_from_table
-from raypipe.models import ProbedModel, load_model
+from raypipe.core.models import ProbedModel, load_model
 from raypipe.tables import table_from_columns
-from raypipe.training import resolve_device
+from raypipe.training.loop import resolve_device
 
 
 class ShardAttributor:
