@@ -1,4 +1,4 @@
-"""Unit tests of raypipe.detection on planted synthetic data (no Ray, seconds)."""
+"""Unit tests of raypipe.core.detection on planted synthetic data (no Ray, seconds)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,10 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import f1_score, roc_auc_score
 
-from raypipe.detection import (
-    KnnIndex,
-    TrajectoryRecorder,
-    area_under_margin,
-    class_conditional_flags,
-    combine_signals,
-    knn_label_agreement,
-    knn_votes,
-    margins_and_losses,
-    prepare_features,
-)
+from raypipe.core.detection.combine import combine_signals
+from raypipe.core.detection.decide import class_conditional_flags
+from raypipe.core.detection.knn import KnnIndex, knn_label_agreement, knn_votes, prepare_features
+from raypipe.core.detection.trajectory import TrajectoryRecorder, area_under_margin, margins_and_losses
 
 # ---------------------------------------------------------------------------------------------------------------
 # Planted data

@@ -1,0 +1,149 @@
+"""Training-trajectory signals: per-sample margin (AUM) and early loss, recorded along training."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _as_numpy(a) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+def margins_and_losses(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """logits [B, C], labels [B] -> (margin [B], cross-entropy loss [B]), float64.
+
+    margin = z_y - max_{c != y} z_c (Pleiss et al.'s margin: negative while the sample is misclassified);
+    loss = logsumexp(z) - z_y.
+    """
+    z = _as_numpy(logits).astype(np.float64)
+    y = _as_numpy(labels).astype(np.int64)
+    rows = np.arange(len(y))
+    z_y = z[rows, y]
+    others = z.copy()
+    others[rows, y] = -np.inf
+    margin = z_y - others.max(axis=1)
+    z_max = z.max(axis=1)
+    loss = z_max + np.log(np.exp(z - z_max[:, None]).sum(axis=1)) - z_y
+    return margin, loss
+
+
+def area_under_margin(logits_per_epoch: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """AUM (Pleiss et al. 2020) from saved logits: [E, N, C] and given labels [N] -> float64 [N].
+
+    AUM_i = (1 / E) sum_e (z_{e, i, y_i} - max_{c != y_i} z_{e, i, c}). Low (negative) = the model had to be
+    forced to fit the label = suspect; use -AUM as a suspicion score.
+    """
+    lp = _as_numpy(logits_per_epoch)
+    if lp.ndim != 3:
+        raise ValueError(f"logits_per_epoch must be [E, N, C], got shape {lp.shape}")
+    return np.mean([margins_and_losses(lp[e], labels)[0] for e in range(lp.shape[0])], axis=0)
+
+
+class TrajectoryRecorder:
+    """Per-sample margin and loss along training, fed the logits the training loop computes anyway.
+
+    Feed it once per epoch per sample (`update(index, logits, labels, epoch)`), from either:
+    - the training batches' own logits (no extra pass at all): what Pleiss et al. do; each value is then taken
+      from a slightly different model state within the epoch and in train mode (dropout, BN batch stats);
+    - an eval pass over the training set at the end of the epoch (the per-epoch train-accuracy pass many loops
+      run): values are then exactly those of the epoch's checkpoint, reproducible from saved checkpoints
+      (that is what the tests check).
+    Each call's rows count once: AUM = mean margin over all updates of that sample, so with one update per
+    sample per epoch it is the mean over epochs.
+
+    Memory: margin sum and count, 16 bytes per sample, plus 4 bytes per sample for every epoch whose loss is
+    kept (keep_loss_epochs: which epochs, default all; pass e.g. range(5) on very large sets).
+    index: positions in [0, num_samples), or sample ids when the recorder was built with sample_ids.
+    Data-parallel training: give each worker its own recorder of the full size, `merge` them on the driver.
+    """
+
+    def __init__(
+        self,
+        num_samples: int | None = None,
+        sample_ids: np.ndarray | None = None,
+        keep_loss_epochs: list[int] | range | None = None,
+    ):
+        if sample_ids is not None:
+            sample_ids = np.asarray(sample_ids, dtype=np.int64)
+            num_samples = len(sample_ids) if num_samples is None else num_samples
+            if num_samples != len(sample_ids):
+                raise ValueError(f"num_samples={num_samples} but {len(sample_ids)} sample_ids")
+            self._order = np.argsort(sample_ids, kind="stable")
+            self._sorted_ids = sample_ids[self._order]
+            if np.any(self._sorted_ids[1:] == self._sorted_ids[:-1]):
+                raise ValueError("sample_ids must be unique")
+        elif num_samples is None:
+            raise ValueError("give num_samples or sample_ids")
+        else:
+            self._order = self._sorted_ids = None
+        self.num_samples = int(num_samples)
+        self.sample_ids = sample_ids
+        self.keep_loss_epochs = None if keep_loss_epochs is None else {int(e) for e in keep_loss_epochs}
+        self.margin_sum = np.zeros(self.num_samples, dtype=np.float64)  # [N]
+        self.count = np.zeros(self.num_samples, dtype=np.int64)  # [N] updates seen
+        self.losses: dict[int, np.ndarray] = {}  # epoch -> float32 [N], NaN where not seen that epoch
+
+    def _positions(self, index) -> np.ndarray:
+        index = _as_numpy(index).astype(np.int64)
+        if self._sorted_ids is None:
+            if len(index) and (index.min() < 0 or index.max() >= self.num_samples):
+                raise IndexError(f"positions must lie in [0, {self.num_samples})")
+            return index
+        pos = np.searchsorted(self._sorted_ids, index)
+        pos_c = np.minimum(pos, self.num_samples - 1)
+        if np.any((pos >= self.num_samples) | (self._sorted_ids[pos_c] != index)):
+            raise KeyError("update got sample ids the recorder does not know")
+        return self._order[pos_c]
+
+    def update(self, index, logits, labels, epoch: int) -> None:
+        """Record one batch: index [B] (positions or ids), logits [B, C] (torch or numpy), given labels [B]."""
+        pos = self._positions(index)
+        margin, loss = margins_and_losses(logits, labels)
+        if len(np.unique(pos)) != len(pos):
+            raise ValueError("a batch repeats a sample; record each sample once per update")
+        self.margin_sum[pos] += margin
+        self.count[pos] += 1
+        if self.keep_loss_epochs is None or epoch in self.keep_loss_epochs:
+            if epoch not in self.losses:
+                self.losses[epoch] = np.full(self.num_samples, np.nan, dtype=np.float32)
+            self.losses[epoch][pos] = loss
+
+    def aum(self) -> np.ndarray:
+        """float64 [N]: mean recorded margin per sample (NaN for samples never recorded). Suspicion = -aum()."""
+        out = np.full(self.num_samples, np.nan)
+        seen = self.count > 0
+        out[seen] = self.margin_sum[seen] / self.count[seen]
+        return out
+
+    def early_loss(self, epoch: int) -> np.ndarray:
+        """float32 [N]: the loss recorded at `epoch` (0-based, as passed to update); NaN where not recorded."""
+        if epoch not in self.losses:
+            raise KeyError(f"no losses recorded for epoch {epoch}; recorded: {sorted(self.losses)}")
+        return self.losses[epoch].copy()
+
+    def merge(self, other: TrajectoryRecorder) -> TrajectoryRecorder:
+        """Add another recorder's updates (same samples, disjoint or not) into this one; returns self."""
+        if other.num_samples != self.num_samples:
+            raise ValueError("recorders of different sizes")
+        self.margin_sum += other.margin_sum
+        self.count += other.count
+        for e, loss in other.losses.items():
+            mine = self.losses.setdefault(e, np.full(self.num_samples, np.nan, dtype=np.float32))
+            np.copyto(mine, loss, where=~np.isnan(loss))
+        return self
+
+    def state_dict(self) -> dict:
+        """Arrays to checkpoint with the model (resume after a worker failure)."""
+        return {
+            "margin_sum": self.margin_sum.copy(),
+            "count": self.count.copy(),
+            "losses": {e: v.copy() for e, v in self.losses.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.margin_sum = np.asarray(state["margin_sum"], dtype=np.float64).copy()
+        self.count = np.asarray(state["count"], dtype=np.int64).copy()
+        self.losses = {int(e): np.asarray(v, dtype=np.float32).copy() for e, v in state["losses"].items()}
