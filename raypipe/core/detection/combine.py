@@ -11,14 +11,6 @@ from raypipe.core.detection._util import _rng
 from raypipe.core.detection.decide import _fit_mixture_1d
 
 
-def suspicion_rank(score: np.ndarray) -> np.ndarray:
-    """float64 [N] in (0, 1]: the average rank of each score / N (ties share their mean rank)."""
-    from scipy.stats import rankdata
-
-    s = np.asarray(score, dtype=np.float64)
-    return rankdata(s, method="average") / len(s)
-
-
 def normalize_signal(score: np.ndarray) -> np.ndarray:
     """A monotone map of a suspicion score to a standardized, as-Gaussian-as-possible scale (float64 [N]).
 
@@ -113,7 +105,7 @@ def combine_signals(
        clean bulk and a suspect group, one blind to it looks like one population.
 
     The returned score is on the normalized scale (higher = more suspect), where a 2-component mixture or
-    `class_conditional_flags` can run; `suspicion_rank` maps it to (0, 1] when a rank is wanted.
+    `class_conditional_flags` can run.
 
     Limits (state them in any report): the consensus assumes the signals err independently; two signals
     that share a nuisance (e.g. the converged loss and AUM both reward 'hard' samples, early loss and AUM come

@@ -67,8 +67,7 @@ def class_conditional_flags(
     score: np.ndarray,
     labels: np.ndarray,
     num_classes: int,
-    method: Literal["threshold", "mixture", "confident_joint"] = "threshold",
-    class_scores: np.ndarray | None = None,
+    method: Literal["threshold", "mixture"] = "threshold",
     min_class_size: int = 20,
     min_separation: float = 2.0,
     min_gap_fraction: float = 0.5,
@@ -94,12 +93,6 @@ def class_conditional_flags(
       the global mixture's gap (a clean class split into 'spike at 0' and 'its small tail' is not a noisy
       subgroup). Otherwise the class gets the global mixture's posterior (and see max_flag_fraction below).
       Planted pairs: F1 0.89 vs 0.65 for one global mixture; Fashion-MNIST pairs: 0.58 vs 0.54.
-    - "confident_joint" (CL's off-diagonal rule, cleanlab filter_by="confident_learning"): needs
-      class_scores [N, C] (per-class vote shares `KnnVotes.shares`, or predicted probabilities);
-      t_k = mean class_scores[:, k] over samples labelled k; sample i (label j) is flagged when the class
-      argmax_k {class_scores[i, k] : class_scores[i, k] >= t_k} exists and differs from j. `score` is only
-      validated (pass 1 - class_scores[i, y_i]). Measured on Fashion-MNIST pairs: precise (0.65) but low recall
-      (0.43), F1 0.52.
 
     Fallback to the global decision (the same rule over all samples): classes with fewer than min_class_size
     samples (a per-class estimate would be noise), degenerate classes (all scores equal: no within-class
@@ -122,28 +115,6 @@ def class_conditional_flags(
         raise ValueError(f"labels must lie in [0, {num_classes})")
     members = [np.flatnonzero(labels == c) for c in range(num_classes)]
     per_class: list[dict] = []
-
-    if method == "confident_joint":
-        if class_scores is None:
-            raise ValueError("method='confident_joint' needs class_scores [N, C]")
-        cs = np.asarray(class_scores, dtype=np.float64)
-        if cs.shape != (n, num_classes):
-            raise ValueError(f"class_scores must be [N, C] = ({n}, {num_classes}), got {cs.shape}")
-        self_conf = cs[np.arange(n), labels]
-        global_t = float(self_conf.mean())
-        t = np.full(num_classes, global_t)
-        for c, idx in enumerate(members):
-            small = len(idx) < min_class_size
-            if not small:
-                t[c] = cs[idx, c].mean()
-            per_class.append(
-                {"class": c, "n": len(idx), "decided_by": "global" if small else "class", "threshold": float(t[c])}
-            )
-        above = cs >= t[None, :]  # [N, C]: classes confidently present in each sample
-        masked = np.where(above, cs, -np.inf)
-        best = masked.argmax(axis=1)
-        flagged = above.any(axis=1) & (best != labels)
-        return ClassFlags(flagged.astype(np.float32), flagged, per_class, {"threshold": global_t})
 
     def fallback(idx: np.ndarray, info: dict, reason: str, flag_global: np.ndarray, p_global: np.ndarray) -> None:
         # The global rule decides this class, unless it would flag most of it. Each given class is assumed
@@ -181,7 +152,7 @@ def class_conditional_flags(
         return ClassFlags(p_noisy.astype(np.float32), flagged, per_class, {"threshold": global_t})
 
     if method != "mixture":
-        raise ValueError(f"method must be 'threshold', 'mixture' or 'confident_joint', got {method!r}")
+        raise ValueError(f"method must be 'threshold' or 'mixture', got {method!r}")
     var = float(score.var())
     if var == 0:  # nothing distinguishes any sample: flag none
         p = np.zeros(n, dtype=np.float32)

@@ -10,8 +10,6 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
-from raypipe.core.detection._util import _rng
-
 Metric = Literal["cosine", "euclidean"]
 Features = Literal["relu", "raw"]
 
@@ -35,19 +33,11 @@ class KnnVotes(NamedTuple):
     suggested_label: int64 [Q], the label with the largest weighted vote (ties go to the given label, then
                      to the smallest class index): a candidate correction for flagged samples.
     suggested_share: float32 [Q], the weighted vote share of `suggested_label` (>= agreement).
-    shares:          float32 [Q, C] every class's weighted vote share, only when asked (`return_shares=True`);
-                     the input of `class_conditional_flags(method="confident_joint")`.
     """
 
     agreement: np.ndarray
     suggested_label: np.ndarray
     suggested_share: np.ndarray
-    shares: np.ndarray | None = None
-
-    @property
-    def suspicion(self) -> np.ndarray:
-        """1 - agreement: float32 [Q], higher = more suspect."""
-        return (1.0 - self.agreement).astype(np.float32)
 
 
 def prepare_features(x: np.ndarray, metric: Metric = "cosine", features: Features = "raw") -> np.ndarray:
@@ -89,7 +79,6 @@ class KnnIndex:
     features: Features = "raw"
     ids: np.ndarray | None = None  # int64 [R] sample ids, unique; needed to exclude a query from its own neighbours
     class_prior: np.ndarray | None = None  # float64 [C], the prior used by class_balanced votes
-    subsampled_from: int | None = None  # R before the approximate mode's uniform subsample, else None
     _sorted_ids: np.ndarray | None = field(default=None, repr=False)  # ids sorted, for searchsorted
     _sorted_pos: np.ndarray | None = field(default=None, repr=False)  # positions of the sorted ids
     _ref_norm2: np.ndarray | None = field(default=None, repr=False)  # float32 [R] |r|^2, euclidean only
@@ -118,19 +107,14 @@ class KnnIndex:
         metric: Metric = "cosine",
         features: Features = "raw",
         class_prior: np.ndarray | None = None,
-        max_ref: int | None = None,
-        seed: int = 0,
     ) -> KnnIndex:
-        """Prepare the reference rows.
+        """Prepare the reference rows: ref_x [R, d] probe activations, ref_labels [R] given labels.
 
-        max_ref (the approximate mode): keep a uniform random subset of at most max_ref reference rows (seeded).
-        Trade-off: with a fraction f = max_ref / R kept, the k-th neighbour in the subset is about the (k / f)-th
-        in the full set, so the vote covers a neighbourhood ~1/f times larger: cost drops by f, but small or thin
-        clusters (fewer than ~k / f samples) get outvoted by their surroundings and the score gets smoother.
-        A query whose own row was dropped from the subset simply has nothing to exclude.
-
+        ref_ids [R]: unique sample ids, needed for `votes(query_ids=...)` to keep a sample out of its own
+        neighbours. A caller that searches a subsample of the training set builds the index on that subsample;
+        a query whose row is not in the index then simply has nothing to exclude.
         class_prior: the class frequencies that `class_balanced` votes divide by; default = the given-label
-        frequencies of the (kept) reference rows, i.e. of the pool the neighbours are drawn from.
+        frequencies of the reference rows, i.e. of the pool the neighbours are drawn from.
         """
         ref_x = np.asarray(ref_x)
         ref_labels = np.asarray(ref_labels, dtype=np.int64)
@@ -142,12 +126,6 @@ class KnnIndex:
             ref_ids = np.asarray(ref_ids, dtype=np.int64)
             if len(ref_ids) != len(ref_labels):
                 raise ValueError(f"ref_ids has {len(ref_ids)} rows, ref_labels {len(ref_labels)}")
-        subsampled_from = None
-        if max_ref is not None and len(ref_labels) > max_ref:
-            keep = np.sort(_rng(seed, "knn_ref").choice(len(ref_labels), size=int(max_ref), replace=False))
-            subsampled_from = len(ref_labels)
-            ref_x, ref_labels = ref_x[keep], ref_labels[keep]
-            ref_ids = None if ref_ids is None else ref_ids[keep]
         x = prepare_features(ref_x, metric, features)
         if class_prior is None:
             class_prior = np.bincount(ref_labels, minlength=num_classes) / max(len(ref_labels), 1)
@@ -162,7 +140,6 @@ class KnnIndex:
             features=features,
             ids=ref_ids,
             class_prior=class_prior,
-            subsampled_from=subsampled_from,
         )
         if ref_ids is not None:
             order = np.argsort(ref_ids, kind="stable")
@@ -193,10 +170,28 @@ class KnnIndex:
         query_ids: np.ndarray | None = None,
         class_balanced: bool = False,
         block_size: int | None = None,
-        return_shares: bool = False,
         device: str = "cpu",
     ) -> KnnVotes:
-        """Exact k-nearest-neighbour label votes of the query rows against this index (see `knn_votes`)."""
+        """How the k nearest reference neighbours of each query row vote on its given label (exact, blocked).
+
+        query_x [Q, d], query_labels [Q]: the samples to score (one block of the training set, or all of it).
+        query_ids [Q]: a query is never its own neighbour (matched by id against the index's ref_ids, so the
+            query block may be any slice of the reference set). Without it, querying the reference set against
+            itself counts each sample's own label as one of its k votes.
+        class_balanced: each neighbour j votes with weight w(y_j) = 1 / prior(y_j) (the index's class_prior);
+            the share of class c is sum_{j in kNN, y_j = c} w(y_j) / sum_{j in kNN} w(y_j). Dividing the kNN
+            estimate of p(c | x) by p(c) turns it into the posterior under a uniform class prior, so a small class
+            surrounded by a large one is not swamped merely by being small. Recommended under class-pair noise,
+            where the target class grows by the flipped samples: AUROC 0.854 -> 0.873 on Fashion-MNIST pairs,
+            0.59 -> 0.72 on planted close pairs; no change on symmetric noise.
+        block_size: queries per block; memory O(block_size * R). None = a 256 MiB similarity block.
+        device: torch device of the matmul ("cuda" where a GPU is free).
+
+        Ties at the k-th distance are broken by torch.topk (arbitrary but deterministic for the same input).
+        Similarities are float32 (euclidean via 2 q.r - |r|^2): neighbours closer than ~1e-6 (cosine) or ~1e-4
+        relative (euclidean) are ties, which only matters for near-duplicates; self-exclusion is by id, never by
+        distance. Cost: 20k x 20k x 256 took 3.7 s on 2 busy CPU cores (sklearn's brute NearestNeighbors: 11 s).
+        """
         query_labels = np.asarray(query_labels, dtype=np.int64)
         q = prepare_features(query_x, self.metric, self.features)  # [Q, d]
         n_q, n_r, c = len(q), len(self), self.num_classes
@@ -251,98 +246,4 @@ class KnnIndex:
             agreement=agreement.astype(np.float32),
             suggested_label=suggested.astype(np.int64),
             suggested_share=shares[rows, suggested].astype(np.float32),
-            shares=shares.astype(np.float32) if return_shares else None,
         )
-
-
-def knn_votes(
-    query_x: np.ndarray,
-    query_labels: np.ndarray,
-    ref_x: np.ndarray,
-    ref_labels: np.ndarray,
-    k: int,
-    num_classes: int,
-    exclude_self_ids: tuple[np.ndarray, np.ndarray] | None = None,
-    metric: Metric = "cosine",
-    features: Features = "raw",
-    class_balanced: bool = False,
-    block_size: int | None = None,
-    approximate: bool = False,
-    max_ref: int = 50_000,
-    seed: int = 0,
-    return_shares: bool = False,
-    device: str = "cpu",
-) -> KnnVotes:
-    """How the k nearest reference neighbours of each query vote on its given label (exact, blocked).
-
-    query_x [Q, d], query_labels [Q]: the samples to score (one block of the training set, or all of it).
-    ref_x [R, d], ref_labels [R]: the reference set (usually the whole training set, given labels).
-    exclude_self_ids = (query_ids [Q], ref_ids [R]): a query is never its own neighbour (matched by id, so the
-        query block may be any slice of the reference set). Without it, querying the reference set against
-        itself counts each sample's own label as one of its k votes.
-    metric / features: the similarity. Default cosine on raw h (`prepare_features`; cosine and euclidean on
-        raw h measured equal, 0.956 / 0.955 AUROC at k=10). k: 30 beat 10 on Fashion-MNIST (0.971 vs 0.956).
-    class_balanced: each neighbour j votes with weight w(y_j) = 1 / prior(y_j), prior = the reference set's
-        label frequencies; the share of class c is sum_{j in kNN, y_j = c} w(y_j) / sum_{j in kNN} w(y_j).
-        Dividing the kNN estimate of p(c | x) by p(c) turns it into the posterior under a uniform class prior,
-        so a small class surrounded by a large one is not swamped merely by being small. Recommended under
-        class-pair noise, where the target class grows by the flipped samples: AUROC 0.854 -> 0.873 on
-        Fashion-MNIST pairs, 0.59 -> 0.72 on planted close pairs; no change on symmetric noise.
-    block_size: queries per block; memory O(block_size * R). None = a 256 MiB similarity block.
-    approximate: search a uniform subsample of at most max_ref reference rows (see `KnnIndex.build` for the
-        trade-off); exact otherwise.
-    device: torch device of the matmul ("cuda" where a GPU is free).
-
-    Ties at the k-th distance are broken by torch.topk (arbitrary but deterministic for the same input).
-    Similarities are float32 (euclidean via 2 q.r - |r|^2): neighbours closer than ~1e-6 (cosine) or ~1e-4
-    relative (euclidean) are ties, which only matters for near-duplicates; self-exclusion is by id, never by
-    distance. Cost: 20k x 20k x 256 took 3.7 s on 2 busy CPU cores (sklearn's brute NearestNeighbors: 11 s).
-    """
-    query_ids, ref_ids = (None, None) if exclude_self_ids is None else exclude_self_ids
-    index = KnnIndex.build(
-        ref_x,
-        ref_labels,
-        num_classes,
-        ref_ids=ref_ids,
-        metric=metric,
-        features=features,
-        max_ref=max_ref if approximate else None,
-        seed=seed,
-    )
-    return index.votes(
-        query_x,
-        query_labels,
-        k,
-        query_ids=query_ids,
-        class_balanced=class_balanced,
-        block_size=block_size,
-        return_shares=return_shares,
-        device=device,
-    )
-
-
-def knn_label_agreement(
-    query_x: np.ndarray,
-    query_labels: np.ndarray,
-    ref_x: np.ndarray,
-    ref_labels: np.ndarray,
-    k: int,
-    num_classes: int,
-    exclude_self_ids: tuple[np.ndarray, np.ndarray] | None = None,
-    metric: Metric = "cosine",
-    class_balanced: bool = False,
-    **kwargs,
-) -> np.ndarray:
-    """float32 [Q]: share of each query's k nearest reference neighbours carrying its given label (`knn_votes`)."""
-    return knn_votes(
-        query_x,
-        query_labels,
-        ref_x,
-        ref_labels,
-        k,
-        num_classes,
-        exclude_self_ids=exclude_self_ids,
-        metric=metric,
-        class_balanced=class_balanced,
-        **kwargs,
-    ).agreement

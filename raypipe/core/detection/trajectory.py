@@ -30,18 +30,6 @@ def margins_and_losses(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarr
     return margin, loss
 
 
-def area_under_margin(logits_per_epoch: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """AUM (Pleiss et al. 2020) from saved logits: [E, N, C] and given labels [N] -> float64 [N].
-
-    AUM_i = (1 / E) sum_e (z_{e, i, y_i} - max_{c != y_i} z_{e, i, c}). Low (negative) = the model had to be
-    forced to fit the label = suspect; use -AUM as a suspicion score.
-    """
-    lp = _as_numpy(logits_per_epoch)
-    if lp.ndim != 3:
-        raise ValueError(f"logits_per_epoch must be [E, N, C], got shape {lp.shape}")
-    return np.mean([margins_and_losses(lp[e], labels)[0] for e in range(lp.shape[0])], axis=0)
-
-
 class TrajectoryRecorder:
     """Per-sample margin and loss along training, fed the logits the training loop computes anyway.
 
