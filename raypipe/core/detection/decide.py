@@ -114,48 +114,113 @@ def class_conditional_flags(
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes})")
     members = [np.flatnonzero(labels == c) for c in range(num_classes)]
-    per_class: list[dict] = []
+    if method == "threshold":
+        return _threshold_flags(score, members, min_class_size, max_flag_fraction)
+    if method != "mixture":
+        raise ValueError(f"method must be 'threshold' or 'mixture', got {method!r}")
+    return _mixture_flags(
+        score,
+        members,
+        tau=tau,
+        min_class_size=min_class_size,
+        min_separation=min_separation,
+        min_gap_fraction=min_gap_fraction,
+        max_flag_fraction=max_flag_fraction,
+        max_fit_rows=max_fit_rows,
+        seed=seed,
+    )
 
-    def fallback(idx: np.ndarray, info: dict, reason: str, flag_global: np.ndarray, p_global: np.ndarray) -> None:
-        # The global rule decides this class, unless it would flag most of it. Each given class is assumed
-        # majority-correct (the usual identifiability assumption), so a class the global rule finds suspect en
-        # bloc has a high baseline: the two classes of a swapped pair (Fashion-MNIST's 0 <-> 6, 2 <-> 4 at 40%
-        # measured clean 0.41-0.49 vs flipped 0.55-0.58 kNN disagreement), a hard class, a source class. Then
-        # only its more suspect part is flagged, by the class's own mean (CL's per-class threshold).
-        share = float(flag_global[idx].mean()) if len(idx) else 0.0
+
+class _Decision:
+    """p_noisy and flagged of every sample while the classes are decided one by one, from the global rule's."""
+
+    def __init__(self, score: np.ndarray, p_global: np.ndarray, flag_global: np.ndarray, max_flag_fraction):
+        self.score = score
+        self.p_global, self.flag_global = p_global, flag_global
+        self.p_noisy, self.flagged = p_global.copy(), flag_global.copy()  # float64 [N], bool [N]
+        self.max_flag_fraction = max_flag_fraction
+
+    def class_mean_threshold(self, idx: np.ndarray) -> float:
+        """Flag the class's samples scored above the class mean (confident learning's per-class threshold)."""
+        t_c = float(self.score[idx].mean())
+        self.flagged[idx] = self.score[idx] > t_c
+        self.p_noisy[idx] = self.flagged[idx]
+        return t_c
+
+    def fallback(self, idx: np.ndarray, info: dict, reason: str) -> None:
+        """The global rule decides this class, unless it would flag more than max_flag_fraction of it.
+
+        Each given class is assumed majority-correct (the usual identifiability assumption), so a class the global
+        rule finds suspect en bloc has a high baseline (both classes of a swapped pair, a hard class, a source
+        class): then only its more suspect part is flagged, by the class's own mean.
+        """
+        share = float(self.flag_global[idx].mean()) if len(idx) else 0.0
         info.update(decided_by="global", reason=reason, global_flag_share=share)
-        if max_flag_fraction is not None and share > max_flag_fraction:
-            t_c = float(score[idx].mean())
-            flagged[idx] = score[idx] > t_c
-            p_noisy[idx] = flagged[idx]
+        if self.max_flag_fraction is not None and share > self.max_flag_fraction:
+            t_c = self.class_mean_threshold(idx)
             info.update(decided_by="class_threshold", threshold=t_c)
             info["reason"] = f"{reason}; the global rule would flag {share:.0%} of it: class-mean threshold instead"
         else:
-            flagged[idx], p_noisy[idx] = flag_global[idx], p_global[idx]
+            self.flagged[idx], self.p_noisy[idx] = self.flag_global[idx], self.p_global[idx]
 
-    if method == "threshold":
-        global_t = float(score.mean())
-        flag_global = score > global_t
-        flagged, p_noisy = flag_global.copy(), flag_global.astype(np.float64)
-        for c, idx in enumerate(members):
-            info: dict = {"class": c, "n": len(idx)}
-            if len(idx) < min_class_size:
-                fallback(idx, info, "too few samples", flag_global, flag_global.astype(np.float64))
-            elif np.ptp(score[idx]) == 0:
-                fallback(idx, info, "all scores equal", flag_global, flag_global.astype(np.float64))
-            else:
-                t_c = float(score[idx].mean())
-                flagged[idx] = score[idx] > t_c
-                p_noisy[idx] = flagged[idx]
-                info.update(decided_by="class", threshold=t_c)
-            per_class.append(info)
-        return ClassFlags(p_noisy.astype(np.float32), flagged, per_class, {"threshold": global_t})
+    def result(self, per_class: list[dict], global_fit: dict) -> ClassFlags:
+        return ClassFlags(self.p_noisy.astype(np.float32), self.flagged, per_class, global_fit)
 
-    if method != "mixture":
-        raise ValueError(f"method must be 'threshold' or 'mixture', got {method!r}")
+
+def _no_class_estimate(class_score: np.ndarray, min_class_size: int) -> str | None:
+    """Why a class's own scores cannot decide it (too few, or all equal: no within-class evidence), else None."""
+    if len(class_score) < min_class_size:
+        return "too few samples"
+    if np.ptp(class_score) == 0:
+        return "all scores equal"
+    return None
+
+
+def _threshold_flags(
+    score: np.ndarray, members: list[np.ndarray], min_class_size: int, max_flag_fraction: float | None
+) -> ClassFlags:
+    """method="threshold": flag a sample scored above its class's mean; the global rule is the overall mean."""
+    global_t = float(score.mean())
+    flag_global = score > global_t
+    decision = _Decision(score, flag_global.astype(np.float64), flag_global, max_flag_fraction)
+    per_class: list[dict] = []
+    for c, idx in enumerate(members):
+        info: dict = {"class": c, "n": len(idx)}
+        reason = _no_class_estimate(score[idx], min_class_size)
+        if reason is None:
+            info.update(decided_by="class", threshold=decision.class_mean_threshold(idx))
+        else:
+            decision.fallback(idx, info, reason)
+        per_class.append(info)
+    return decision.result(per_class, {"threshold": global_t})
+
+
+def _one_population(fit: dict, global_gap: float, min_separation: float, min_gap_fraction: float) -> str | None:
+    """Why a class's 2-component fit is not two populations (too little separation or gap), else None."""
+    if fit["ashman_d"] < min_separation:
+        return f"one population (Ashman D {fit['ashman_d']:.2f})"
+    gap = fit["mean_high"] - fit["mean_low"]
+    if gap < min_gap_fraction * global_gap:
+        return f"gap {gap:.3g} < {min_gap_fraction} x global gap {global_gap:.3g}"
+    return None
+
+
+def _mixture_flags(
+    score: np.ndarray,
+    members: list[np.ndarray],
+    *,
+    tau: float,
+    min_class_size: int,
+    min_separation: float,
+    min_gap_fraction: float,
+    max_flag_fraction: float | None,
+    max_fit_rows: int,
+    seed: int,
+) -> ClassFlags:
+    """method="mixture": a class's own 2-component mixture where it is two populations, else the global one's."""
     var = float(score.var())
     if var == 0:  # nothing distinguishes any sample: flag none
-        p = np.zeros(n, dtype=np.float32)
+        p = np.zeros(len(score), dtype=np.float32)
         info_all = [
             {"class": c, "n": len(i), "decided_by": "global", "reason": "all scores equal"}
             for c, i in enumerate(members)
@@ -166,27 +231,21 @@ def class_conditional_flags(
     reg = 1e-3 * var
     global_fit = _fit_mixture_1d(score, reg, seed, max_fit_rows)
     p_global = _posterior_high(global_fit, score)
-    flag_global = p_global > tau
-    p_noisy, flagged = p_global.copy(), flag_global.copy()
+    decision = _Decision(score, p_global, p_global > tau, max_flag_fraction)
     global_gap = global_fit["mean_high"] - global_fit["mean_low"]
+    per_class: list[dict] = []
     for c, idx in enumerate(members):
-        info = {"class": c, "n": len(idx)}
-        if len(idx) < min_class_size:
-            fallback(idx, info, "too few samples", flag_global, p_global)
-        elif np.ptp(score[idx]) == 0:
-            fallback(idx, info, "all scores equal", flag_global, p_global)
-        else:
+        info: dict = {"class": c, "n": len(idx)}
+        reason = _no_class_estimate(score[idx], min_class_size)
+        if reason is None:
             fit = _fit_mixture_1d(score[idx], reg, seed, max_fit_rows)
-            gap = fit["mean_high"] - fit["mean_low"]
             info["mixture"] = _public(fit)
-            if fit["ashman_d"] < min_separation:
-                fallback(idx, info, f"one population (Ashman D {fit['ashman_d']:.2f})", flag_global, p_global)
-            elif gap < min_gap_fraction * global_gap:
-                why = f"gap {gap:.3g} < {min_gap_fraction} x global gap {global_gap:.3g}"
-                fallback(idx, info, why, flag_global, p_global)
-            else:
-                p_noisy[idx] = _posterior_high(fit, score[idx])
-                flagged[idx] = p_noisy[idx] > tau
-                info.update(decided_by="class")
+            reason = _one_population(fit, global_gap, min_separation, min_gap_fraction)
+        if reason is None:
+            decision.p_noisy[idx] = _posterior_high(fit, score[idx])
+            decision.flagged[idx] = decision.p_noisy[idx] > tau
+            info["decided_by"] = "class"
+        else:
+            decision.fallback(idx, info, reason)
         per_class.append(info)
-    return ClassFlags(p_noisy.astype(np.float32), flagged, per_class, _public(global_fit))
+    return decision.result(per_class, _public(global_fit))
