@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import pickle
 import warnings
 
@@ -325,6 +326,29 @@ def test_recorder_matches_recomputation_from_checkpoints():
         rec.early_loss(7)
     with pytest.raises(KeyError):
         rec.update(np.array([1]), np.zeros((1, c)), np.array([0]), epoch=0)  # an unknown id
+
+
+def test_recorder_state_survives_a_weights_only_checkpoint():
+    rng = np.random.default_rng(15)
+    ids = rng.permutation(50) + 900
+    rec = TrajectoryRecorder(sample_ids=ids, keep_loss_epochs=[0, 2])
+    for epoch in range(3):
+        seen = ids[: 40 + 5 * epoch]  # some samples never seen: NaN AUM and loss survive too
+        rec.update(seen, torch.tensor(rng.normal(0, 1, (len(seen), 3))), rng.integers(0, 3, len(seen)), epoch=epoch)
+    buf = io.BytesIO()
+    torch.save({"recorder": rec.state_dict()}, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)["recorder"]
+    restored = TrajectoryRecorder(sample_ids=ids, keep_loss_epochs=[0, 2])
+    restored.load_state_dict(state)
+    np.testing.assert_array_equal(restored.aum(), rec.aum())
+    for epoch in (0, 2):
+        np.testing.assert_array_equal(restored.early_loss(epoch), rec.early_loss(epoch))
+    assert sorted(restored.losses) == [0, 2] and restored.count.dtype == np.int64
+    # Resuming continues the same sums.
+    for r in (rec, restored):
+        r.update(ids[:10], np.ones((10, 3)), np.zeros(10, dtype=np.int64), epoch=3)
+    np.testing.assert_array_equal(restored.aum(), rec.aum())
 
 
 def test_recorder_keeps_only_requested_loss_epochs_and_marks_unseen():

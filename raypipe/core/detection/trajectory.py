@@ -124,14 +124,19 @@ class TrajectoryRecorder:
         return self
 
     def state_dict(self) -> dict:
-        """Arrays to checkpoint with the model (resume after a worker failure)."""
+        """What to checkpoint with the model (resume after a worker failure): torch tensors in str-keyed dicts,
+        so that `torch.load(..., weights_only=True)` reads it back.
+
+        {"margin_sum": float64 [N], "count": int64 [N], "losses": {str(epoch): float32 [N]}}.
+        """
         return {
-            "margin_sum": self.margin_sum.copy(),
-            "count": self.count.copy(),
-            "losses": {e: v.copy() for e, v in self.losses.items()},
+            "margin_sum": torch.from_numpy(self.margin_sum.copy()),
+            "count": torch.from_numpy(self.count.copy()),
+            "losses": {str(e): torch.from_numpy(v.copy()) for e, v in self.losses.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.margin_sum = np.asarray(state["margin_sum"], dtype=np.float64).copy()
-        self.count = np.asarray(state["count"], dtype=np.int64).copy()
-        self.losses = {int(e): np.asarray(v, dtype=np.float32).copy() for e, v in state["losses"].items()}
+        """Restore a `state_dict()` (tensors or numpy arrays) into a recorder built for the same samples."""
+        self.margin_sum = _as_numpy(state["margin_sum"]).astype(np.float64, copy=True)
+        self.count = _as_numpy(state["count"]).astype(np.int64, copy=True)
+        self.losses = {int(e): _as_numpy(v).astype(np.float32, copy=True) for e, v in state["losses"].items()}
