@@ -27,7 +27,7 @@ def converged_probe(n=1500, c=6, d=32, rate=0.4, pull=0.25, seed=0):
 
     Features cluster by TRUE class (pre-ReLU, centres ~N(0, 1)), with the flipped samples pulled a little toward
     their given class (memorization moves them, not all the way). Loss: every sample is fitted, the flipped ones
-    only marginally worse: what a converged model's per-sample loss looks like (AUROC ~0.55 in METHOD.md).
+    only marginally worse: what a converged model's per-sample loss looks like (near chance, docs/detection.md).
     """
     rng = np.random.default_rng(seed)
     mu = rng.normal(0, 1, (c, d))

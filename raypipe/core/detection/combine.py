@@ -1,4 +1,9 @@
-"""Choosing or combining suspicion scores without ground truth."""
+"""Choosing or combining suspicion scores without ground truth.
+
+Each score is first made monotonically as-Gaussian-as-possible (`normalize_signal`); then signals that agree
+with each other (a one-factor model of their rank correlations) are averaged, or else the one whose scores split
+most clearly into two groups is chosen (`combine_signals`).
+"""
 
 from __future__ import annotations
 
@@ -39,8 +44,8 @@ def signal_separation(z: np.ndarray, max_fit_rows: int = 20_000, seed: int = 0) 
 
     ashman_d = sqrt(2) |mu_1 - mu_2| / sqrt(s_1^2 + s_2^2) (> 2: two separated groups; ~1.4 for one Gaussian,
     ~3 for a uniform); delta_bic_per_sample = (BIC_1 - BIC_2) / n, the log-likelihood gain per sample of a
-    second component (reported only: measured, it preferred a partly memorized model's final loss, AUROC 0.73,
-    over kNN disagreement, 0.97); weight_high = the share of the higher component.
+    second component (reported only, never used to choose: docs/detection.md); weight_high = the share of the
+    higher component.
     """
     z = np.asarray(z, dtype=np.float64)
     if len(z) > max_fit_rows:
@@ -90,30 +95,39 @@ def combine_signals(
 ) -> tuple[np.ndarray, dict]:
     """Choose or combine suspicion scores without ground truth. -> (score float32 [N], signals_used dict).
 
-    signals: name -> suspicion score [N] (higher = more suspect: 1 - agreement, loss, early loss, -AUM, ...).
-    Every signal is first mapped by `normalize_signal` (monotone: skew removed, standardized). Then:
-
-    1. Consensus (>= 3 signals): fit a one-factor model to the signals' Spearman correlations
-       (`one_factor_loadings`). Detectors of the same hidden noisy/clean variable correlate through it, a signal
-       blind to it correlates with nothing; signals with loading < min_loading are dropped. If fewer than two
-       load (only one signal sees the noise, or none), there is no consensus and every signal stays in step 3.
-    2. If >= 3 signals remain: the combined score is their factor-score mean, weights lambda / (1 - lambda^2)
-       (loading over unique variance, floored at 0.05): better detectors count more.
-    3. Otherwise (two remain, fewer than 3 were given, or no consensus): candidates are each remaining signal
-       and, for exactly two, their mean; the one whose 2-component 1-D mixture is the most separated (largest Ashman D,
-       `signal_separation`) wins, ties to fewer signals: a signal that sees the noise splits the samples into a
-       clean bulk and a suspect group, one blind to it looks like one population.
-
-    The returned score is on the normalized scale (higher = more suspect), where a 2-component mixture or
-    `class_conditional_flags` can run.
-
-    Limits (state them in any report): the consensus assumes the signals err independently; two signals
-    that share a nuisance (e.g. the converged loss and AUM both reward 'hard' samples, early loss and AUM come
-    from one trajectory) build a factor of their own, and a nuisance shared by most signals wins. Separation
-    rewards ANY two-group structure (a partly memorized model's final loss is bimodal: memorized vs not yet;
-    uniform noise has Ashman D ~3), so with two signals it is a weak tie-break; neither step can tell which end
-    is noisy (the caller's sign convention does), and a very low noise rate barely moves either criterion.
+    signals: name -> suspicion score [N] (higher = more suspect: 1 - agreement, loss, early loss, -AUM, ...),
+    each first mapped by `normalize_signal`. With >= 3 signals, a one-factor model of their Spearman
+    correlations (`one_factor_loadings`) finds the ones that detect the same hidden clean / noisy variable
+    (loading >= min_loading); if >= 3 load, the score is their factor-score weighted mean ("consensus").
+    Otherwise each remaining signal (and, for exactly two, their mean) is a candidate and the one whose
+    2-component mixture is the most separated (`signal_separation`) wins ("separation"). The score is on the
+    normalized scale. docs/detection.md explains both steps and their limits, which belong in any report.
     """
+    normalized = _normalized_signals(signals)
+    names = list(normalized)
+    separation = {name: signal_separation(normalized[name], max_fit_rows, seed) for name in names}
+    pairwise, loadings, loaded = _spearman_and_loadings(normalized, min_loading, max_fit_rows, seed)
+    if loaded is not None and len(loaded) >= 3:
+        z, choice = _consensus(normalized, loaded, loadings, min_loading, max_fit_rows, seed)
+    else:
+        kept = names if loaded is None else loaded
+        dropped = [nm for nm in names if nm not in kept]
+        z, choice = _most_separated(normalized, kept, dropped, separation, max_fit_rows, seed)
+    info = {
+        "chosen": list(choice["weights"]),
+        "weights": choice["weights"],
+        "rule": choice["rule"],
+        "why": choice["why"],
+        "loadings": loadings,
+        "separation": separation,
+        "chosen_separation": choice["chosen_separation"],
+        "pairwise_spearman": pairwise,
+    }
+    return np.asarray(z, dtype=np.float32), info
+
+
+def _normalized_signals(signals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every signal checked (one shape, finite) and mapped by `normalize_signal`, in the given order."""
     if not signals:
         raise ValueError("no signals to combine")
     names = list(signals)
@@ -126,63 +140,83 @@ def combine_signals(
         if not np.all(np.isfinite(s)):
             raise ValueError(f"signal {name!r} has NaN or inf values (e.g. samples the recorder never saw)")
         normalized[name] = normalize_signal(s)
-    separation = {name: signal_separation(normalized[name], max_fit_rows, seed) for name in names}
+    return normalized
 
+
+def _spearman_and_loadings(
+    normalized: dict[str, np.ndarray], min_loading: float, max_fit_rows: int, seed: int
+) -> tuple[dict[str, float], dict[str, float], list[str] | None]:
+    """(pairwise Spearman correlations, one-factor loadings, the signals loading >= min_loading).
+
+    The loadings need >= 3 signals; the loaded list is None when there is no consensus (fewer than 3 signals, or
+    fewer than two load: the loadings are then fitted to chance correlations).
+    """
     from scipy.stats import rankdata
 
+    names = list(normalized)
+    n = len(normalized[names[0]])
     rows = np.arange(n)
     if n > 5 * max_fit_rows:
         rows = _rng(seed, "correlation_rows").choice(n, size=5 * max_fit_rows, replace=False)
     pairwise: dict[str, float] = {}
     loadings: dict[str, float] = {}
-    kept = names
-    if len(names) >= 2:
-        ranks = np.stack([rankdata(normalized[nm][rows]) for nm in names])  # [S, n]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            corr = np.nan_to_num(np.corrcoef(ranks))  # Spearman; a constant signal correlates with nothing
-        for i, a in enumerate(names):
-            for j in range(i + 1, len(names)):
-                pairwise[f"{a}~{names[j]}"] = float(corr[i, j])
-        if len(names) >= 3:
-            lam = one_factor_loadings(corr)
-            loadings = {nm: float(v) for nm, v in zip(names, lam, strict=True)}
-            kept = [nm for nm in names if loadings[nm] >= min_loading]
-            if len(kept) < 2:  # a consensus of one is none: the loadings are then fitted to noise correlations
-                kept = names
+    if len(names) < 2:
+        return pairwise, loadings, None
+    ranks = np.stack([rankdata(normalized[nm][rows]) for nm in names])  # [S, n]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.nan_to_num(np.corrcoef(ranks))  # Spearman; a constant signal correlates with nothing
+    for i, a in enumerate(names):
+        for j in range(i + 1, len(names)):
+            pairwise[f"{a}~{names[j]}"] = float(corr[i, j])
+    if len(names) < 3:
+        return pairwise, loadings, None
+    lam = one_factor_loadings(corr)
+    loadings = {nm: float(v) for nm, v in zip(names, lam, strict=True)}
+    loaded = [nm for nm in names if loadings[nm] >= min_loading]
+    return pairwise, loadings, loaded if len(loaded) >= 2 else None
 
-    weights: dict[str, float]
-    if len(kept) >= 3 and loadings and kept is not names:
-        lam = np.array([loadings[nm] for nm in kept])
-        w = lam / np.maximum(1.0 - lam**2, 0.05)
-        weights = {nm: float(v / w.sum()) for nm, v in zip(kept, w, strict=True)}
-        z = sum(weights[nm] * normalized[nm] for nm in kept)
-        rule = "consensus"
-        why = f"{len(kept)} signals share one factor (loading >= {min_loading}); factor-score weighted mean"
-        chosen_sep = signal_separation(z, max_fit_rows, seed)
-    else:
-        candidates: dict[tuple[str, ...], dict] = {(nm,): separation[nm] for nm in kept}
-        if len(kept) == 2:
-            pair_mean = (normalized[kept[0]] + normalized[kept[1]]) / 2
-            candidates[tuple(kept)] = signal_separation(pair_mean, max_fit_rows, seed)
-        best = max(candidates, key=lambda cb: (round(candidates[cb]["ashman_d"], 6), -len(cb)))
-        weights = {nm: 1.0 / len(best) for nm in best}
-        z = np.mean([normalized[nm] for nm in best], axis=0)
-        rule = "separation"
-        chosen_sep = candidates[best]
-        dropped = [nm for nm in names if nm not in kept]
-        why = (
-            f"{'+'.join(best)} has the most separated 2-component mixture (Ashman D {chosen_sep['ashman_d']:.2f})"
-            f" among {len(candidates)} candidates"
-            + (f"; dropped for low consensus loading: {dropped}" if dropped else "")
-        )
-    info = {
-        "chosen": list(weights),
+
+def _consensus(
+    normalized: dict[str, np.ndarray],
+    kept: list[str],
+    loadings: dict[str, float],
+    min_loading: float,
+    max_fit_rows: int,
+    seed: int,
+) -> tuple[np.ndarray, dict]:
+    """Factor-score weighted mean of the loaded signals: weight lambda / (1 - lambda^2), floored at 0.05."""
+    lam = np.array([loadings[nm] for nm in kept])
+    w = lam / np.maximum(1.0 - lam**2, 0.05)
+    weights = {nm: float(v / w.sum()) for nm, v in zip(kept, w, strict=True)}
+    z = sum(weights[nm] * normalized[nm] for nm in kept)
+    why = f"{len(kept)} signals share one factor (loading >= {min_loading}); factor-score weighted mean"
+    return z, {
         "weights": weights,
-        "rule": rule,
+        "rule": "consensus",
         "why": why,
-        "loadings": loadings,
-        "separation": separation,
-        "chosen_separation": chosen_sep,
-        "pairwise_spearman": pairwise,
+        "chosen_separation": signal_separation(z, max_fit_rows, seed),
     }
-    return np.asarray(z, dtype=np.float32), info
+
+
+def _most_separated(
+    normalized: dict[str, np.ndarray],
+    kept: list[str],
+    dropped: list[str],
+    separation: dict[str, dict],
+    max_fit_rows: int,
+    seed: int,
+) -> tuple[np.ndarray, dict]:
+    """The candidate (each kept signal; for two, also their mean) with the largest Ashman D, ties to fewer."""
+    candidates: dict[tuple[str, ...], dict] = {(nm,): separation[nm] for nm in kept}
+    if len(kept) == 2:
+        pair_mean = (normalized[kept[0]] + normalized[kept[1]]) / 2
+        candidates[tuple(kept)] = signal_separation(pair_mean, max_fit_rows, seed)
+    best = max(candidates, key=lambda cb: (round(candidates[cb]["ashman_d"], 6), -len(cb)))
+    weights = {nm: 1.0 / len(best) for nm in best}
+    z = np.mean([normalized[nm] for nm in best], axis=0)
+    chosen_sep = candidates[best]
+    why = (
+        f"{'+'.join(best)} has the most separated 2-component mixture (Ashman D {chosen_sep['ashman_d']:.2f})"
+        f" among {len(candidates)} candidates" + (f"; dropped for low consensus loading: {dropped}" if dropped else "")
+    )
+    return z, {"weights": weights, "rule": "separation", "why": why, "chosen_separation": chosen_sep}

@@ -19,8 +19,8 @@ class ClassFlags:
     p_noisy:   float32 [N]; the mixture posterior (method="mixture"), else the hard decision as 0.0 / 1.0, so it
                drops into the partition's `p_noisy < tau` slot either way.
     flagged:   bool [N].
-    per_class: one dict per class: n, decided_by ("class" or "global") and why, and the fitted threshold or
-               mixture; JSON-able, for the report.
+    per_class: one dict per class: n, decided_by ("class", "global" or "class_threshold") and why, and the
+               fitted threshold or mixture; JSON-able, for the report.
     global_fit: the global decision every fallback uses (threshold or mixture parameters).
     """
 
@@ -78,29 +78,21 @@ def class_conditional_flags(
 ) -> ClassFlags:
     """Flag suspect samples per GIVEN class, so that each class is judged against its own baseline.
 
-    score [N]: any suspicion score, higher = more suspect (1 - kNN agreement, loss, -AUM, a combined score).
-    labels [N]: given labels. Methods:
+    One global threshold fails under class-dependent noise (class a -> b flips): each given class has its own
+    baseline score. score [N]: any suspicion score, higher = more suspect (1 - kNN agreement, loss, -AUM, a
+    combined score); labels [N]: given labels. Methods:
 
-    - "threshold" (confident learning's per-class threshold, Northcutt et al. 2021): with a self-confidence
-      a_i = 1 - score_i (e.g. kNN agreement with the own label), t_c = mean a_i over samples labelled c
-      (= CL's t_j, the mean predicted probability of class j over samples labelled j); flag i when
-      a_i < t_{y_i}, i.e. score_i > mean score of its class. Limit: a class with no noise still has its
-      above-average part flagged (planted pairs with 3 clean classes of 6: F1 0.61 per class vs 0.66 global);
-      it shines where every class is noisy (planted cyclic pairs: 1.00 vs 0.76; Fashion-MNIST pairs 0.59).
-    - "mixture": per class, a 2-component 1-D Gaussian mixture on the class's scores; p_noisy = posterior of
-      the higher-mean component; flagged = p_noisy > tau. A class's own fit is used only when it is really
-      two populations: Ashman's D >= min_separation AND its gap mean_high - mean_low >= min_gap_fraction x
-      the global mixture's gap (a clean class split into 'spike at 0' and 'its small tail' is not a noisy
-      subgroup). Otherwise the class gets the global mixture's posterior (and see max_flag_fraction below).
-      Planted pairs: F1 0.89 vs 0.65 for one global mixture; Fashion-MNIST pairs: 0.58 vs 0.54.
+    - "threshold" (confident learning's per-class threshold, Northcutt et al. 2021): flag a sample whose score
+      is above the mean score of its class.
+    - "mixture": a 2-component 1-D Gaussian mixture per class; p_noisy = posterior of the higher-mean component,
+      flagged = p_noisy > tau. A class's own fit is used only when it is two populations: Ashman's D >=
+      min_separation and a gap between the means >= min_gap_fraction x the global mixture's gap.
 
-    Fallback to the global decision (the same rule over all samples): classes with fewer than min_class_size
-    samples (a per-class estimate would be noise), degenerate classes (all scores equal: no within-class
-    evidence) and, for "mixture", classes that are one population. A fallback that would flag more than
-    max_flag_fraction of a class uses the class-mean threshold instead (each given class is assumed
-    majority-correct, the usual identifiability assumption: a class the global rule finds suspect en bloc has a
-    high baseline, e.g. both classes of a swapped pair, and only its more suspect part is flagged); None
-    disables this. per_class[c]["decided_by"] says which rule decided: "class", "global" or "class_threshold".
+    A class without its own estimate (fewer than min_class_size samples, all scores equal, or for "mixture" one
+    population) falls back to the same rule fitted over all samples; a fallback that would flag more than
+    max_flag_fraction of the class uses the class-mean threshold instead (each class is assumed majority-correct;
+    None disables this). per_class[c]["decided_by"] says which rule decided: "class", "global" or
+    "class_threshold". docs/detection.md has the reasoning and the measurements.
     """
     score = np.asarray(score, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)

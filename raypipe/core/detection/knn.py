@@ -1,4 +1,9 @@
-"""Neighbour label agreement in the probe space: the reference index and its exact, blocked kNN search."""
+"""Neighbour label agreement in the probe space: the reference index and its exact, blocked kNN search.
+
+A mislabelled sample still sits among samples of its true class in the representation, so few of its nearest
+neighbours carry its (wrong) given label. Build one `KnnIndex` (the reference set), ship it to every worker and
+call `KnnIndex.votes` on each worker's block of query rows.
+"""
 
 from __future__ import annotations
 
@@ -43,10 +48,9 @@ class KnnVotes(NamedTuple):
 def prepare_features(x: np.ndarray, metric: Metric = "cosine", features: Features = "raw") -> np.ndarray:
     """Probe activations [N, d] -> the float32 [N, d] rows the kNN search compares.
 
-    features="raw" (default): h as is; "relu": ReLU(h), what the head reads (head = fc2(ReLU(h))). Raw was the
-    better of the two on Fashion-MNIST (AUROC 0.956 vs 0.943 at k=10, 0.971 vs 0.960 at k=30, symmetric 40%)
-    and on planted Gaussian clusters: the negative side of h still carries class information.
-    metric="cosine": rows L2-normalized (an all-zero row stays zero: it is equally far from everything).
+    features="raw" (default): h as is, whose negative side still carries class information; "relu": ReLU(h),
+    what the head reads. metric="cosine": rows L2-normalized (an all-zero row stays zero: it is equally far from
+    everything); "euclidean": rows as they are.
     """
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2:
@@ -178,19 +182,13 @@ class KnnIndex:
         query_ids [Q]: a query is never its own neighbour (matched by id against the index's ref_ids, so the
             query block may be any slice of the reference set). Without it, querying the reference set against
             itself counts each sample's own label as one of its k votes.
-        class_balanced: each neighbour j votes with weight w(y_j) = 1 / prior(y_j) (the index's class_prior);
-            the share of class c is sum_{j in kNN, y_j = c} w(y_j) / sum_{j in kNN} w(y_j). Dividing the kNN
-            estimate of p(c | x) by p(c) turns it into the posterior under a uniform class prior, so a small class
-            surrounded by a large one is not swamped merely by being small. Recommended under class-pair noise,
-            where the target class grows by the flipped samples: AUROC 0.854 -> 0.873 on Fashion-MNIST pairs,
-            0.59 -> 0.72 on planted close pairs; no change on symmetric noise.
+        class_balanced: each neighbour j votes with weight 1 / prior(y_j) (the index's class_prior): the vote
+            estimates the class posterior under a uniform prior, so a small class is not outvoted for being small.
         block_size: queries per block; memory O(block_size * R). None = a 256 MiB similarity block.
         device: torch device of the matmul ("cuda" where a GPU is free).
 
-        Ties at the k-th distance are broken by torch.topk (arbitrary but deterministic for the same input).
-        Similarities are float32 (euclidean via 2 q.r - |r|^2): neighbours closer than ~1e-6 (cosine) or ~1e-4
-        relative (euclidean) are ties, which only matters for near-duplicates; self-exclusion is by id, never by
-        distance. Cost: 20k x 20k x 256 took 3.7 s on 2 busy CPU cores (sklearn's brute NearestNeighbors: 11 s).
+        Ties at the k-th distance are broken by torch.topk (deterministic for the same input); similarities are
+        float32, so only near-duplicates tie. Self-exclusion is by id, never by distance.
         """
         query_labels = np.asarray(query_labels, dtype=np.int64)
         q = prepare_features(query_x, self.metric, self.features)  # [Q, d]
@@ -217,6 +215,25 @@ class KnnIndex:
         else:
             w = np.ones(c)
 
+        counts = self._neighbour_counts(q, k, self_pos, block_size, device)  # [Q, C]
+        weighted = counts * w  # [Q, C] float64; counts * weight is exact and order-free, so ties are reproducible
+        shares = weighted / np.maximum(weighted.sum(axis=1, keepdims=True), 1e-300)  # [Q, C]
+        rows = np.arange(n_q)
+        agreement = shares[rows, query_labels]
+        suggested = shares.argmax(axis=1)
+        best = shares[rows, suggested]
+        suggested = np.where(agreement >= best, query_labels, suggested)  # a tie keeps the given label
+        return KnnVotes(
+            agreement=agreement.astype(np.float32),
+            suggested_label=suggested.astype(np.int64),
+            suggested_share=shares[rows, suggested].astype(np.float32),
+        )
+
+    def _neighbour_counts(
+        self, q: np.ndarray, k: int, self_pos: np.ndarray | None, block_size: int, device: str
+    ) -> np.ndarray:
+        """int64 [Q, C]: how many of each prepared query row's k nearest reference rows carry each label."""
+        n_q, c = len(q), self.num_classes
         dev = torch.device(device)
         ref, ref_labels, ref_norm2 = self._tensors(device)  # [R, d], [R], [R] or None
         counts = np.empty((n_q, c), dtype=np.int64)  # neighbours per class, exact integers
@@ -235,15 +252,4 @@ class KnnIndex:
             cnt = torch.zeros((stop - start, c), dtype=torch.int64, device=dev)
             cnt.scatter_add_(1, nn_lab, torch.ones_like(nn_lab))  # [b, C]
             counts[start:stop] = cnt.cpu().numpy()
-        weighted = counts * w  # [Q, C] float64; counts * weight is exact and order-free, so ties are reproducible
-        shares = weighted / np.maximum(weighted.sum(axis=1, keepdims=True), 1e-300)  # [Q, C]
-        rows = np.arange(n_q)
-        agreement = shares[rows, query_labels]
-        suggested = shares.argmax(axis=1)
-        best = shares[rows, suggested]
-        suggested = np.where(agreement >= best, query_labels, suggested)  # a tie keeps the given label
-        return KnnVotes(
-            agreement=agreement.astype(np.float32),
-            suggested_label=suggested.astype(np.int64),
-            suggested_share=shares[rows, suggested].astype(np.float32),
-        )
+        return counts

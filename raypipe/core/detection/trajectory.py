@@ -1,4 +1,8 @@
-"""Training-trajectory signals: per-sample margin (AUM) and early loss, recorded along training."""
+"""Training-trajectory signals: per-sample margin (AUM) and early loss, recorded along training.
+
+Before the model memorizes its labels, a mislabelled sample has a high loss and a negative margin; the loss at
+an early epoch and the area under the margin (AUM, Pleiss et al. 2020) keep that memory after it has.
+"""
 
 from __future__ import annotations
 
@@ -33,19 +37,13 @@ def margins_and_losses(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarr
 class TrajectoryRecorder:
     """Per-sample margin and loss along training, fed the logits the training loop computes anyway.
 
-    Feed it once per epoch per sample (`update(index, logits, labels, epoch)`), from either:
-    - the training batches' own logits (no extra pass at all): what Pleiss et al. do; each value is then taken
-      from a slightly different model state within the epoch and in train mode (dropout, BN batch stats);
-    - an eval pass over the training set at the end of the epoch (the per-epoch train-accuracy pass many loops
-      run): values are then exactly those of the epoch's checkpoint, reproducible from saved checkpoints
-      (that is what the tests check).
-    Each call's rows count once: AUM = mean margin over all updates of that sample, so with one update per
-    sample per epoch it is the mean over epochs.
-
-    Memory: margin sum and count, 16 bytes per sample, plus 4 bytes per sample for every epoch whose loss is
-    kept (keep_loss_epochs: which epochs, default all; pass e.g. range(5) on very large sets).
+    Feed it once per epoch per sample (`update(index, logits, labels, epoch)`), from the training batches' logits
+    or from an end-of-epoch eval pass (then the values are exactly those of the epoch's checkpoint). AUM = mean
+    margin over all updates of a sample; suspicion scores: -aum() and early_loss(epoch).
     index: positions in [0, num_samples), or sample ids when the recorder was built with sample_ids.
-    Data-parallel training: give each worker its own recorder of the full size, `merge` them on the driver.
+    keep_loss_epochs: the epochs whose per-sample loss is kept (default all; 4 bytes per sample each).
+    Data-parallel training: one full-size recorder per worker, `merge`d on the driver; checkpoint it with
+    `state_dict` / `load_state_dict`.
     """
 
     def __init__(
