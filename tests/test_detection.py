@@ -160,6 +160,21 @@ def test_argument_errors():
         KnnIndex.build(x, y, 2).votes(x, y + 3, 2)
 
 
+def test_index_pickles_for_workers_and_accepts_read_only_blocks():
+    h, y, _, _, _ = converged_probe(n=300, seed=14)
+    ids = np.arange(300)
+    index = KnnIndex.build(h, y, 6, ref_ids=ids, metric="euclidean")
+    want = index.votes(h[:50], y[:50], 5, query_ids=ids[:50])  # fills the device cache
+    shipped = pickle.loads(pickle.dumps(index))
+    assert shipped._on_device == {}  # tensors are not shipped, numpy is
+    for arr in (shipped.x, shipped.labels, h, y):
+        arr.setflags(write=False)  # as Ray's object store hands them out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = shipped.votes(h[:50], y[:50], 5, query_ids=ids[:50])
+    np.testing.assert_array_equal(got.agreement, want.agreement)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # kNN votes: detection on a "converged model"
 
@@ -408,18 +423,3 @@ def test_combine_signals_consensus_weights_three_views_and_ignores_noise():
     w = used["weights"]
     assert w["view0"] > w["view1"] > w["view2"] > 0  # better detectors count more, found without labels
     assert roc_auc_score(noisy, score) >= roc_auc_score(noisy, views["view0"]) - 0.005
-
-
-def test_index_pickles_for_workers_and_accepts_read_only_blocks():
-    h, y, _, _, _ = converged_probe(n=300, seed=14)
-    ids = np.arange(300)
-    index = KnnIndex.build(h, y, 6, ref_ids=ids, metric="euclidean")
-    want = index.votes(h[:50], y[:50], 5, query_ids=ids[:50])  # fills the device cache
-    shipped = pickle.loads(pickle.dumps(index))
-    assert shipped._on_device == {}  # tensors are not shipped, numpy is
-    for arr in (shipped.x, shipped.labels, h, y):
-        arr.setflags(write=False)  # as Ray's object store hands them out
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        got = shipped.votes(h[:50], y[:50], 5, query_ids=ids[:50])
-    np.testing.assert_array_equal(got.agreement, want.agreement)
