@@ -1,8 +1,9 @@
-"""Unit tests of raypipe.detection on planted synthetic data (no Ray, seconds)."""
+"""Unit tests of raypipe.core.detection on planted synthetic data (no Ray, seconds)."""
 
 from __future__ import annotations
 
 import copy
+import io
 import pickle
 import warnings
 
@@ -12,17 +13,10 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import f1_score, roc_auc_score
 
-from raypipe.detection import (
-    KnnIndex,
-    TrajectoryRecorder,
-    area_under_margin,
-    class_conditional_flags,
-    combine_signals,
-    knn_label_agreement,
-    knn_votes,
-    margins_and_losses,
-    prepare_features,
-)
+from raypipe.core.detection.combine import combine_signals
+from raypipe.core.detection.decide import class_conditional_flags
+from raypipe.core.detection.knn import KnnIndex, prepare_features
+from raypipe.core.detection.trajectory import TrajectoryRecorder, margins_and_losses
 
 # ---------------------------------------------------------------------------------------------------------------
 # Planted data
@@ -33,7 +27,7 @@ def converged_probe(n=1500, c=6, d=32, rate=0.4, pull=0.25, seed=0):
 
     Features cluster by TRUE class (pre-ReLU, centres ~N(0, 1)), with the flipped samples pulled a little toward
     their given class (memorization moves them, not all the way). Loss: every sample is fitted, the flipped ones
-    only marginally worse: what a converged model's per-sample loss looks like (AUROC ~0.55 in METHOD.md).
+    only marginally worse: what a converged model's per-sample loss looks like (near chance, docs/detection.md).
     """
     rng = np.random.default_rng(seed)
     mu = rng.normal(0, 1, (c, d))
@@ -79,13 +73,13 @@ def brute_force_votes(qx, qy, qid, rx, ry, rid, k, c, metric, features, class_ba
 def test_blockwise_equals_single_block(metric, features, class_balanced):
     h, y, _, _, _ = converged_probe(n=200, c=5, d=16, seed=1)
     ids = np.arange(1000, 1200)
-    kw = dict(exclude_self_ids=(ids, ids), metric=metric, features=features, class_balanced=class_balanced)
-    whole = knn_votes(h, y, h, y, 7, 5, block_size=200, return_shares=True, **kw)
+    index = KnnIndex.build(h, y, 5, ref_ids=ids, metric=metric, features=features)
+    whole = index.votes(h, y, 7, query_ids=ids, class_balanced=class_balanced, block_size=200)
     for block_size in (1, 13, 64, None):
-        part = knn_votes(h, y, h, y, 7, 5, block_size=block_size, return_shares=True, **kw)
+        part = index.votes(h, y, 7, query_ids=ids, class_balanced=class_balanced, block_size=block_size)
         np.testing.assert_array_equal(part.agreement, whole.agreement)
         np.testing.assert_array_equal(part.suggested_label, whole.suggested_label)
-        np.testing.assert_array_equal(part.shares, whole.shares)
+        np.testing.assert_array_equal(part.suggested_share, whole.suggested_share)
 
 
 @pytest.mark.parametrize("metric,features", [("cosine", "relu"), ("cosine", "raw"), ("euclidean", "relu")])
@@ -98,23 +92,10 @@ def test_matches_brute_force_with_query_block_of_shuffled_ids(metric, features, 
     y[:4] = np.arange(4)  # every class present
     rid = rng.permutation(n) * 7 + 3  # ids unrelated to positions
     q = np.arange(10, 35)  # a query block: a slice of the reference set, ids looked up, not positions
-    got = knn_votes(
-        x[q],
-        y[q],
-        x,
-        y,
-        k,
-        c,
-        exclude_self_ids=(rid[q], rid),
-        metric=metric,
-        features=features,
-        class_balanced=class_balanced,
-        block_size=4,
-        return_shares=True,
-    )
+    index = KnnIndex.build(x, y, c, ref_ids=rid, metric=metric, features=features)
+    got = index.votes(x[q], y[q], k, query_ids=rid[q], class_balanced=class_balanced, block_size=4)
     want_agree, want_shares = brute_force_votes(x[q], y[q], rid[q], x, y, rid, k, c, metric, features, class_balanced)
     np.testing.assert_allclose(got.agreement, want_agree, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(got.shares, want_shares, rtol=1e-6, atol=1e-7)
     best = want_shares.max(axis=1)
     # Suggested label: the argmax, a tie kept on the given label.
     for i, s in enumerate(got.suggested_label):
@@ -131,12 +112,13 @@ def test_self_exclusion_drops_own_label():
     x = np.repeat(centres, 2, axis=0) + rng.normal(0, 0.3, (100, 8))  # twins far apart enough for float32
     y = np.tile([0, 1], 50)
     ids = np.arange(100)
-    with_self = knn_label_agreement(x, y, x, y, 1, 2, features="raw")
-    without = knn_label_agreement(x, y, x, y, 1, 2, exclude_self_ids=(ids, ids), features="raw")
+    with_self = KnnIndex.build(x, y, 2, features="raw").votes(x, y, 1).agreement
+    index = KnnIndex.build(x, y, 2, ref_ids=ids, features="raw")
+    without = index.votes(x, y, 1, query_ids=ids).agreement
     assert np.all(with_self == 1.0)  # its own row is its nearest neighbour
     assert np.all(without == 0.0)  # its twin carries the other label
     # A query id absent from the index excludes nothing.
-    absent = knn_label_agreement(x, y, x, y, 1, 2, exclude_self_ids=(ids + 1000, ids), features="raw")
+    absent = index.votes(x, y, 1, query_ids=ids + 1000).agreement
     assert np.all(absent == 1.0)
 
 
@@ -147,23 +129,23 @@ def test_class_balanced_weights_votes_by_inverse_prior():
     ref_x[:, 0] = np.arange(100) + 100.0  # far from the query...
     ref_x[[0, 1, 10, 11, 12], 0] = [0.1, 0.2, 0.3, 0.4, 0.5]  # ...except these five
     q = np.zeros((1, 2), dtype=np.float32)
-    plain = knn_votes(q, [1], ref_x, ref_y, 5, 2, metric="euclidean", features="raw")
-    bal = knn_votes(q, [1], ref_x, ref_y, 5, 2, metric="euclidean", features="raw", class_balanced=True)
+    index = KnnIndex.build(ref_x, ref_y, 2, metric="euclidean", features="raw")
+    plain = index.votes(q, [1], 5)
+    bal = index.votes(q, [1], 5, class_balanced=True)
     assert plain.agreement[0] == pytest.approx(0.4) and plain.suggested_label[0] == 0
     want = (2 / 0.1) / (2 / 0.1 + 3 / 0.9)
     assert bal.agreement[0] == pytest.approx(want) and bal.suggested_label[0] == 1
 
 
-def test_approximate_is_exact_on_its_subsample_and_still_detects():
+def test_subsampled_reference_still_detects():
+    # The partition stage searches a uniform sample of the training set; every sample is a query, and one
+    # whose own row is not in the sample has nothing to exclude.
     h, y, _, flip, _ = converged_probe(n=1500, seed=4)
     ids = np.arange(1500)
-    approx = knn_votes(h, y, h, y, 10, 6, exclude_self_ids=(ids, ids), approximate=True, max_ref=500, seed=7)
-    index = KnnIndex.build(h, y, 6, ref_ids=ids, max_ref=500, seed=7)
-    assert len(index) == 500 and index.subsampled_from == 1500
-    keep = np.isin(ids, index.ids)
-    exact_sub = knn_votes(h, y, h[keep], y[keep], 10, 6, exclude_self_ids=(ids, ids[keep]))
-    np.testing.assert_array_equal(approx.agreement, exact_sub.agreement)
-    assert roc_auc_score(flip, approx.suspicion) > 0.95
+    keep = np.sort(np.random.default_rng(7).choice(1500, size=500, replace=False))
+    index = KnnIndex.build(h[keep], y[keep], 6, ref_ids=ids[keep])
+    votes = index.votes(h, y, 10, query_ids=ids)
+    assert roc_auc_score(flip, 1 - votes.agreement) > 0.95
 
 
 def test_argument_errors():
@@ -171,11 +153,26 @@ def test_argument_errors():
     y = np.zeros(5, dtype=np.int64)
     ids = np.arange(5)
     with pytest.raises(ValueError, match="k=5"):
-        knn_votes(x, y, x, y, 5, 2, exclude_self_ids=(ids, ids))  # only 4 others
+        KnnIndex.build(x, y, 2, ref_ids=ids).votes(x, y, 5, query_ids=ids)  # only 4 others
     with pytest.raises(ValueError, match="unique"):
         KnnIndex.build(x, y, 2, ref_ids=np.zeros(5))
     with pytest.raises(ValueError, match="labels"):
-        knn_votes(x, y + 3, x, y, 2, 2)
+        KnnIndex.build(x, y, 2).votes(x, y + 3, 2)
+
+
+def test_index_pickles_for_workers_and_accepts_read_only_blocks():
+    h, y, _, _, _ = converged_probe(n=300, seed=14)
+    ids = np.arange(300)
+    index = KnnIndex.build(h, y, 6, ref_ids=ids, metric="euclidean")
+    want = index.votes(h[:50], y[:50], 5, query_ids=ids[:50])  # fills the device cache
+    shipped = pickle.loads(pickle.dumps(index))
+    assert shipped._on_device == {}  # tensors are not shipped, numpy is
+    for arr in (shipped.x, shipped.labels, h, y):
+        arr.setflags(write=False)  # as Ray's object store hands them out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = shipped.votes(h[:50], y[:50], 5, query_ids=ids[:50])
+    np.testing.assert_array_equal(got.agreement, want.agreement)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,8 +182,8 @@ def test_argument_errors():
 def test_neighbour_agreement_finds_memorized_flips_where_loss_does_not():
     h, y, _, flip, loss = converged_probe(n=1500, seed=5)
     ids = np.arange(len(y))
-    v = knn_votes(h, y, h, y, 10, 6, exclude_self_ids=(ids, ids))
-    auroc_knn = roc_auc_score(flip, v.suspicion)
+    v = KnnIndex.build(h, y, 6, ref_ids=ids).votes(h, y, 10, query_ids=ids)
+    auroc_knn = roc_auc_score(flip, 1 - v.agreement)
     auroc_loss = roc_auc_score(flip, loss)
     assert auroc_knn > 0.95, auroc_knn
     assert auroc_loss < 0.65, auroc_loss
@@ -286,18 +283,6 @@ def test_fallbacks_for_small_and_degenerate_classes():
         assert uncapped.flagged[544:].all()
 
 
-def test_confident_joint_on_vote_shares():
-    # Two classes; samples labelled 1 whose shares say 0 confidently are off-diagonal.
-    shares = np.array([[0.9, 0.1], [0.8, 0.2], [0.2, 0.8], [0.1, 0.9], [0.7, 0.3], [0.5, 0.5]])
-    labels = np.array([0, 0, 1, 1, 1, 0])
-    out = class_conditional_flags(1 - shares[np.arange(6), labels], labels, 2, "confident_joint", shares, 1)
-    # t_0 = mean(0.9, 0.8, 0.5) = 0.733, t_1 = mean(0.8, 0.9, 0.3) = 0.667.
-    np.testing.assert_array_equal(out.flagged, [False, False, False, False, False, False])
-    shares[4] = [0.75, 0.25]  # now 0.75 >= t_0 (0.733): sample 4 (label 1) is confidently class 0
-    out = class_conditional_flags(1 - shares[np.arange(6), labels], labels, 2, "confident_joint", shares, 1)
-    np.testing.assert_array_equal(out.flagged, [False, False, False, False, True, False])
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Trajectory
 
@@ -341,7 +326,7 @@ def test_recorder_matches_recomputation_from_checkpoints():
         with torch.no_grad():
             saved.append(replay(x).numpy())
     saved = np.stack(saved)  # [E, N, C]
-    want_aum = area_under_margin(saved, y.numpy())
+    want_aum = np.mean([margins_and_losses(logits, y.numpy())[0] for logits in saved], axis=0)  # AUM by hand
     np.testing.assert_allclose(rec.aum(), want_aum, rtol=1e-5, atol=1e-6)
     want_loss1 = F.cross_entropy(torch.tensor(saved[1]), y, reduction="none").numpy()
     np.testing.assert_allclose(rec.early_loss(1), want_loss1, rtol=1e-5, atol=1e-6)
@@ -356,6 +341,29 @@ def test_recorder_matches_recomputation_from_checkpoints():
         rec.early_loss(7)
     with pytest.raises(KeyError):
         rec.update(np.array([1]), np.zeros((1, c)), np.array([0]), epoch=0)  # an unknown id
+
+
+def test_recorder_state_survives_a_weights_only_checkpoint():
+    rng = np.random.default_rng(15)
+    ids = rng.permutation(50) + 900
+    rec = TrajectoryRecorder(sample_ids=ids, keep_loss_epochs=[0, 2])
+    for epoch in range(3):
+        seen = ids[: 40 + 5 * epoch]  # some samples never seen: NaN AUM and loss survive too
+        rec.update(seen, torch.tensor(rng.normal(0, 1, (len(seen), 3))), rng.integers(0, 3, len(seen)), epoch=epoch)
+    buf = io.BytesIO()
+    torch.save({"recorder": rec.state_dict()}, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)["recorder"]
+    restored = TrajectoryRecorder(sample_ids=ids, keep_loss_epochs=[0, 2])
+    restored.load_state_dict(state)
+    np.testing.assert_array_equal(restored.aum(), rec.aum())
+    for epoch in (0, 2):
+        np.testing.assert_array_equal(restored.early_loss(epoch), rec.early_loss(epoch))
+    assert sorted(restored.losses) == [0, 2] and restored.count.dtype == np.int64
+    # Resuming continues the same sums.
+    for r in (rec, restored):
+        r.update(ids[:10], np.ones((10, 3)), np.zeros(10, dtype=np.int64), epoch=3)
+    np.testing.assert_array_equal(restored.aum(), rec.aum())
 
 
 def test_recorder_keeps_only_requested_loss_epochs_and_marks_unseen():
@@ -374,7 +382,7 @@ def test_recorder_keeps_only_requested_loss_epochs_and_marks_unseen():
 def test_combine_signals_picks_the_informative_signal():
     h, y, _, flip, loss = converged_probe(n=1500, seed=9)
     ids = np.arange(len(y))
-    knn = knn_votes(h, y, h, y, 10, 6, exclude_self_ids=(ids, ids)).suspicion
+    knn = 1 - KnnIndex.build(h, y, 6, ref_ids=ids).votes(h, y, 10, query_ids=ids).agreement
     rng = np.random.default_rng(10)
     signals = {
         "noise_uniform": rng.random(len(y)),
@@ -397,7 +405,7 @@ def test_combine_signals_picks_the_informative_signal():
 def test_combine_signals_two_signals_falls_back_to_separation():
     h, y, _, flip, _ = converged_probe(n=1500, seed=11)
     ids = np.arange(len(y))
-    knn = knn_votes(h, y, h, y, 10, 6, exclude_self_ids=(ids, ids)).suspicion
+    knn = 1 - KnnIndex.build(h, y, 6, ref_ids=ids).votes(h, y, 10, query_ids=ids).agreement
     noise = np.random.default_rng(12).random(len(y))  # uniform: Ashman D ~3, the hardest pure-noise case
     score, used = combine_signals({"noise": noise, "knn": knn})
     assert used["rule"] == "separation" and used["chosen"] == ["knn"], used["why"]
@@ -415,18 +423,3 @@ def test_combine_signals_consensus_weights_three_views_and_ignores_noise():
     w = used["weights"]
     assert w["view0"] > w["view1"] > w["view2"] > 0  # better detectors count more, found without labels
     assert roc_auc_score(noisy, score) >= roc_auc_score(noisy, views["view0"]) - 0.005
-
-
-def test_index_pickles_for_workers_and_accepts_read_only_blocks():
-    h, y, _, _, _ = converged_probe(n=300, seed=14)
-    ids = np.arange(300)
-    index = KnnIndex.build(h, y, 6, ref_ids=ids, metric="euclidean")
-    want = index.votes(h[:50], y[:50], 5, query_ids=ids[:50])  # fills the device cache
-    shipped = pickle.loads(pickle.dumps(index))
-    assert shipped._on_device == {}  # tensors are not shipped, numpy is
-    for arr in (shipped.x, shipped.labels, h, y):
-        arr.setflags(write=False)  # as Ray's object store hands them out
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        got = shipped.votes(h[:50], y[:50], 5, query_ids=ids[:50])
-    np.testing.assert_array_equal(got.agreement, want.agreement)

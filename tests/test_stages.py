@@ -10,9 +10,9 @@ import pytest
 
 from raypipe import storage
 from raypipe.config import load_config
-from raypipe.detection import margins_and_losses
-from raypipe.executors import LocalExecutor
+from raypipe.core.detection.trajectory import margins_and_losses
 from raypipe.core.models import load_model
+from raypipe.executors import LocalExecutor
 from raypipe.pipeline import run
 from raypipe.stages import data as prepare
 from raypipe.stages.train import TrainRequest, train_local

@@ -21,9 +21,9 @@ import pyarrow as pa
 
 from raypipe import storage
 from raypipe.config import DetectionConfig, PartitionConfig
-from raypipe.detection import KnnIndex, class_conditional_flags, combine_signals
-from raypipe.errors import RaypipeError
+from raypipe.core.detection import KnnIndex, class_conditional_flags, combine_signals
 from raypipe.core.mixture import MixtureFit, check_clean_side, detection_metrics, fit_mixture, split
+from raypipe.errors import RaypipeError
 from raypipe.tables import columns_from_table, table_from_columns
 
 

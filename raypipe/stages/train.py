@@ -15,11 +15,11 @@ import numpy as np
 
 from raypipe import storage
 from raypipe.config import ModelConfig, TrainConfig
-from raypipe.data import SampleSet
-from raypipe.detection import TrajectoryRecorder
+from raypipe.core.detection import TrajectoryRecorder
 from raypipe.core.models import build_model, load_model, save_model
-from raypipe.stages.partition import read_partition
+from raypipe.data import SampleSet
 from raypipe.stages.data import read_split
+from raypipe.stages.partition import read_partition
 from raypipe.tables import columns_from_table, table_from_columns
 from raypipe.training.loop import FRESH_ROUTES, evaluate, fit, predict_logits, resolve_device
 
