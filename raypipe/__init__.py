@@ -13,8 +13,10 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "run": "raypipe.api",
+    "run_sweep": "raypipe.api",
     "Config": "raypipe.config",
     "load_config": "raypipe.config",
+    "load_sweep_config": "raypipe.sweep",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -1,27 +1,32 @@
-"""The Python API, mirroring the CLI: ``raypipe.run(config, out) -> report``."""
+"""The Python API, mirroring the CLI: ``raypipe.run(config, out) -> report``, ``raypipe.run_sweep(config, out)``."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from raypipe import pipeline
 from raypipe.config import Config
-
-
-def make_executor(config: Config, log=print):
-    if config.run.executor == "ray":
-        from raypipe.distributed.ray_executor import RayExecutor
-
-        return RayExecutor(config, log)
-    from raypipe.executors import LocalExecutor
-
-    return LocalExecutor(log)
+from raypipe.executors import make_executor
+from raypipe.report.report import write_report
 
 
 def run(config: Config, out: str, from_stage: str | None = None, log=print) -> dict[str, Any]:
-    from raypipe import pipeline
+    """Run (or resume) the RLAP pipeline of `config` under `out` (a local path, s3:// or gs://).
 
+    Finished stages whose settings and inputs are unchanged are skipped; `from_stage` reruns that
+    stage and everything after it. Returns the report (also written to ``<out>/report.json``).
+    """
     executor = make_executor(config, log)
     try:
-        return pipeline.run(config, out, executor, from_stage, log)
+        finished = pipeline.run(config, out, executor, from_stage, log)
     finally:
         executor.close()
+    return write_report(finished.layout, config, finished.manifests, log)
+
+
+def run_sweep(config, out: str, log=print) -> dict[str, Any]:
+    """Run (or resume) a Ray Tune sweep of `config` (a `raypipe.sweep.SweepJobConfig`, e.g. from
+    `raypipe.load_sweep_config`) under `out`; returns the trials' rows, the best trial and its report."""
+    from raypipe.distributed import tune  # imports Ray
+
+    return tune.run_sweep(config, out, log)

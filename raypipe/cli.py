@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run (or resume) the RLAP pipeline")
     run.add_argument("--out", required=True, help="run directory: a local path, s3://... or gs://...")
-    run.add_argument("--config", default=None, help="YAML config file (defaults: raypipe/config.py)")
+    run.add_argument("--config", default=None, help="YAML config file (defaults: raypipe/config/schema.py)")
     run.add_argument("--from", dest="from_stage", default=None, help="rerun this stage and everything after it")
     run.add_argument("overrides", nargs="*", help="section.key=value settings, e.g. noise.rate=0.4")
     run.add_argument("--default", action="append", default=[], help=argparse.SUPPRESS)  # a job's own defaults
@@ -63,10 +63,11 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def sweep_command(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides, args.default)
-    print("raypipe config:\n" + dump_config(config), flush=True)
-    from raypipe.distributed.tune import run_sweep
+    from raypipe.api import run_sweep
+    from raypipe.sweep import load_sweep_config
 
+    config = load_sweep_config(args.config, args.overrides, args.default)
+    print("raypipe config:\n" + dump_config(config), flush=True)
     run_sweep(config, args.out)
     return 0
 

@@ -1,11 +1,6 @@
-"""Where stage work runs. `LocalExecutor` runs it in this process; the Ray executor
-(raypipe.distributed) runs the same functions on Ray Data actor pools, Ray tasks and Ray Train.
-
-The contract (what a stage may ask of an executor):
-- map(fn, items, desc) -> [fn(item) for item in items], in order; fn is pure and idempotent;
-- attribute(model_uri, jobs, rule, batch_size, device) -> rows written, for (in_uri, out_uri) jobs;
-- train(request) -> metrics dict of a raypipe.stages.train.TrainRequest.
-"""
+"""Where stage work runs (`raypipe.stages.Executor`): `LocalExecutor` runs it in this process; the Ray
+executor (`raypipe.distributed.ray_executor`) runs the same functions on Ray Data actor pools, Ray
+tasks and Ray Train. `make_executor` picks one from ``run.executor``."""
 
 from __future__ import annotations
 
@@ -13,12 +8,21 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from raypipe.config import Config
+from raypipe.stages import Executor
+from raypipe.stages.attribution import ShardAttributor
+from raypipe.stages.train import TrainRequest, train_local
+
 
 class LocalExecutor:
+    """Every stage in this process. `report`, when given, receives each training epoch's metrics
+    (a Tune trial hands its own `tune.report` here)."""
+
     name = "local"
 
-    def __init__(self, log: Callable[[str], None] = print):
+    def __init__(self, log: Callable[[str], None] = print, report: Callable[[dict[str, Any]], None] | None = None):
         self.log = log
+        self.report = report
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], desc: str = "") -> list[Any]:
         items = list(items)
@@ -32,17 +36,21 @@ class LocalExecutor:
         return out
 
     def attribute(self, model_uri: str, jobs: list[tuple[str, str]], rule: str, batch_size: int, device: str) -> int:
-        from raypipe.stages.attribution import ShardAttributor
-
         if not jobs:
             return 0
         attributor = ShardAttributor(model_uri, rule, batch_size, device)
         return sum(self.map(lambda job: attributor(*job), jobs, "attribution"))
 
-    def train(self, request) -> dict[str, Any]:
-        from raypipe.stages.train import train_local
-
-        return train_local(request, self.log)
+    def train(self, request: TrainRequest) -> dict[str, Any]:
+        return train_local(request, self.log, self.report)
 
     def close(self) -> None:
         pass
+
+
+def make_executor(config: Config, log: Callable[[str], None] = print) -> Executor:
+    if config.run.executor == "ray":
+        from raypipe.distributed.ray_executor import RayExecutor  # imports Ray: only when asked for
+
+        return RayExecutor(config, log)
+    return LocalExecutor(log)

@@ -1,8 +1,19 @@
-"""Shared test fixtures (keep this file tiny)."""
+"""Shared test fixtures: one thread for unit tests, and one local Ray cluster per test module.
+
+Fault injection (a Train worker killed mid-epoch, a Tune trial that crashes) lives in tests only:
+`tests/faults` is installed in every Ray worker process by Ray's ``worker_process_setup_hook`` and
+wraps raypipe functions there; a test arms it by writing a small JSON file into the directory the
+fixture `faults` gives it. Unarmed, the wrappers call through.
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
+
+TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
@@ -19,3 +30,28 @@ def one_thread():
             yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory) -> Path:
+    """The directory the fault hooks of this module's Ray workers read their orders from."""
+    return tmp_path_factory.mktemp("faults")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(faults):
+    """A local Ray cluster of this module's own (2 CPUs, no dashboard), with the fault hooks installed
+    in its workers; yields its GCS address."""
+    ray = pytest.importorskip("ray")
+    # The Train controller collects each epoch's report when it polls (passed from this driver to the
+    # controller and the workers): poll often, as raypipe.distributed.ray_executor.init_ray does.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    runtime_env = {
+        "py_modules": [str(TESTS / "faults")],
+        "worker_process_setup_hook": "faults.install",
+        "env_vars": {"RAYPIPE_TEST_FAULTS": str(faults)},
+    }
+    # address="local": a fresh cluster of our own even when another one runs on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", runtime_env=runtime_env)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raypipe.core.attribution import RULES, attribute_batch, attribution_width, reference_attribution
 from raypipe.config import ModelConfig
+from raypipe.core.attribution import RULES, attribute_batch, attribution_width, reference_attribution
 from raypipe.core.models import ProbedModel, build_model
 from raypipe.core.pruning import prune_neurons
 

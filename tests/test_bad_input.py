@@ -23,13 +23,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-# Tiny files in the real formats, shared with the loader unit tests.
-from test_data import make_cifar_raw, make_idx_dir, write_cifar_binary, write_cifar_python, write_idx
-
 from raypipe.cli import main
 from raypipe.config import ModelConfig, RayConfig
+from raypipe.core.models import build_model, model_signature
 from raypipe.errors import RaypipeError
-from raypipe.core.models import build_model, model_signature, save_model
+from raypipe.training.checkpoint import save_model
+
+# Tiny files in the real formats, shared with the loader unit tests.
+from test_data import make_cifar_raw, make_idx_dir, write_cifar_binary, write_cifar_python, write_idx
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["run.device=cpu", "data.max_train_samples=200", "data.shard_rows=100", "run.routes=[f_ft]", "f_ft.epochs=1"]

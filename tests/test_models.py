@@ -12,8 +12,9 @@ import torch
 
 from raypipe import storage
 from raypipe.config import ModelConfig
+from raypipe.core.models import ProbedModel, build_model, model_signature
 from raypipe.errors import CheckpointError, ConfigError
-from raypipe.core.models import ProbedModel, build_model, load_model, model_signature, save_model
+from raypipe.training.checkpoint import load_model, save_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

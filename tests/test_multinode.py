@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 
-ray = pytest.importorskip("ray")
-
-from raypipe import storage  # noqa: E402
-from raypipe.config import load_config  # noqa: E402
-from raypipe.tables import columns_from_table  # noqa: E402
+from raypipe import layout, storage
+from raypipe.config import load_config
+from raypipe.tables import columns_from_table
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -103,7 +102,7 @@ def cluster():
 def _sample_ids(uri: str, skip: str = "") -> np.ndarray:
     import pyarrow as pa
 
-    files = [u for u in storage.list_files(uri, ".parquet") if not (skip and u.endswith(skip))]
+    files = [u for u in storage.list_files(uri, ".parquet") if u != skip]
     assert files, uri
     return columns_from_table(pa.concat_tables([storage.read_table(u, ["sample_id"]) for u in files]))["sample_id"]
 
@@ -155,7 +154,7 @@ def test_pipeline_runs_on_the_labelled_worker_nodes(cluster, tmp_path):
     n_train = storage.read_manifest(storage.join(out, "data"))["summary"]["rows"]["train"]
     assert n_train == 400
     for stage in ("attribution", "partition"):
-        ids = _sample_ids(storage.join(out, stage), skip="label_issues.parquet")
+        ids = _sample_ids(storage.join(out, stage), skip=layout.label_issues_file(storage.join(out, stage)))
         assert len(ids) == len(np.unique(ids)) == n_train, stage
     assert set(report["routes"]) == {"initial"}
     assert 0.0 < report["routes"]["initial"]["accuracy"] <= 1.0

@@ -22,15 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 
-ray = pytest.importorskip("ray")
-
-from raypipe import storage  # noqa: E402
-from raypipe.config import ModelConfig, load_config  # noqa: E402
-from raypipe.executors import LocalExecutor  # noqa: E402
-from raypipe.core.models import build_model, model_signature, save_model  # noqa: E402
-from raypipe.stages import attribution as attribute, data as prepare  # noqa: E402
-from raypipe.tables import columns_from_table  # noqa: E402
+from raypipe import storage
+from raypipe.config import ModelConfig, load_config
+from raypipe.core.models import build_model, model_signature
+from raypipe.executors import LocalExecutor
+from raypipe.stages import attribution as attribute
+from raypipe.stages import data as prepare
+from raypipe.tables import columns_from_table
+from raypipe.training.checkpoint import save_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -124,7 +125,7 @@ def inputs(slow_model_package, tmp_path_factory):
     sys.path.insert(0, str(slow_model_package))
     out = tmp_path_factory.mktemp("inputs")
     config = load_config(None, [f"data.max_train_samples={N_ROWS}", f"data.shard_rows={SHARD_ROWS}"])
-    prepare.run(config, str(out / "data"), log=lambda *_: None)
+    prepare.run(config.data, config.noise, str(out / "data"), log=lambda *_: None)
     model_cfg = ModelConfig(name="user", factory="rp_slow_model:make", probe_width=16)
     import torch
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from raypipe.config import PartitionConfig
+from raypipe.core.metrics import detection_metrics
+from raypipe.core.mixture import check_clean_side, fit_mixture, split, uniform_rows
 from raypipe.errors import ConfigError, RaypipeError
-from raypipe.core.mixture import check_clean_side, detection_metrics, fit_mixture, split, uniform_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

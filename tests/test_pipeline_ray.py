@@ -6,27 +6,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray")
-
-from raypipe import storage  # noqa: E402
-from raypipe.config import load_config  # noqa: E402
-from raypipe.executors import LocalExecutor  # noqa: E402
-from raypipe.pipeline import Pipeline, run  # noqa: E402
-from raypipe.core.sensitivity import SufficientStats  # noqa: E402
-from raypipe.stages import attribution as attribute, data as prepare, prune  # noqa: E402
-from raypipe.stages.partition import read_partition  # noqa: E402
-from raypipe.tables import columns_from_table  # noqa: E402
+import raypipe
+from raypipe import storage
+from raypipe.config import load_config
+from raypipe.core.sensitivity import SufficientStats
+from raypipe.executors import LocalExecutor
+from raypipe.layout import RunLayout
+from raypipe.pipeline import Run
+from raypipe.stages import attribution as attribute
+from raypipe.stages import data as prepare
+from raypipe.stages import prune
+from raypipe.stages.partition import read_partition
+from raypipe.tables import columns_from_table
 
 pytestmark = [pytest.mark.ray]
 
 QUICK = ["data.shard_rows=300", "initial.epochs=60", "f_ft.epochs=10", "run.routes=[f_ft]"]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -48,20 +43,15 @@ def base_run(tmp_path_factory):
     """Data + a quickly trained initial model, in-process (the reference for the Ray stages)."""
     out = str(tmp_path_factory.mktemp("base"))
     config = load_config(None, ["data.shard_rows=300", "initial.epochs=5", "run.routes=[]"])
-    p = Pipeline(config, out, LocalExecutor(log=lambda *_: None), log=lambda *_: None)
-    p.stage("data", {}, [], lambda uri: prepare.run(config, uri, log=lambda *_: None))
-    from raypipe.stages.train import TrainRequest, train_local
-
-    request = TrainRequest("initial", config.initial, p.uri("data"), p.uri("initial"), config.model, 0)
-    p.stage("initial", {}, ["data"], lambda uri: train_local(request, log=lambda *_: None))
+    Run(config, RunLayout(out), LocalExecutor(log=lambda *_: None), log=lambda *_: None).run(["data", "initial"])
     return out
 
 
 @pytest.mark.parametrize("rule", ["grad_x_act_maxclass", "last_layer_grad"])
 def test_ray_data_attribution_equals_in_process(base_run, ray_executor, tmp_path, rule):
-    shards = prepare.train_shards(storage.join(base_run, "data"))
+    shards = prepare.train_shards(RunLayout(base_run).stage("data"))
     assert len(shards) >= 3  # several shards, so several actor calls
-    model_uri = storage.join(base_run, "initial", "model.pt")
+    model_uri = RunLayout(base_run).model("initial")
     local_out, ray_out = str(tmp_path / "local"), str(tmp_path / "ray")
     LocalExecutor(log=lambda *_: None).attribute(
         model_uri, attribute.pending_shards(shards, local_out), rule, 64, "cpu"
@@ -69,7 +59,7 @@ def test_ray_data_attribution_equals_in_process(base_run, ray_executor, tmp_path
     rows = ray_executor.attribute(model_uri, attribute.pending_shards(shards, ray_out), rule, 64, "cpu")
 
     local, remote = _read_attribution(local_out), _read_attribution(ray_out)
-    n_train = storage.read_manifest(storage.join(base_run, "data"))["summary"]["rows"]["train"]
+    n_train = storage.read_manifest(RunLayout(base_run).stage("data"))["summary"]["rows"]["train"]
     assert rows == n_train
     # Every sample exactly once, and the same values as in-process for every sample_id.
     assert len(np.unique(remote["sample_id"])) == len(remote["sample_id"]) == n_train
@@ -83,8 +73,8 @@ def test_ray_data_attribution_equals_in_process(base_run, ray_executor, tmp_path
 
 def test_ray_block_sums_equal_single_block(base_run, ray_executor, tmp_path):
     """The sensitivity statistics merged from per-shard Ray tasks equal one pass over all rows."""
-    shards = prepare.train_shards(storage.join(base_run, "data"))
-    model_uri = storage.join(base_run, "initial", "model.pt")
+    shards = prepare.train_shards(RunLayout(base_run).stage("data"))
+    model_uri = RunLayout(base_run).model("initial")
     attr_out = str(tmp_path / "attr")
     LocalExecutor(log=lambda *_: None).attribute(
         model_uri, attribute.pending_shards(shards, attr_out), "loss", 64, "cpu"
@@ -117,11 +107,12 @@ def test_ray_block_sums_equal_single_block(base_run, ray_executor, tmp_path):
 
 
 @pytest.mark.slow
-def test_pipeline_on_ray_repairs_then_skips_then_reruns_from(ray_executor, tmp_path):
+def test_pipeline_on_ray_repairs_then_skips_then_reruns_from(ray_cluster, tmp_path):
     out = str(tmp_path / "run")
+    run = RunLayout(out)
     config = load_config("jobs/configs/digits.yaml", [*QUICK, "run.executor=ray"])
     logs: list[str] = []
-    report = run(config, out, ray_executor, log=logs.append)
+    report = raypipe.run(config, out, log=logs.append)
     acc = {route: m["accuracy"] for route, m in report["routes"].items()}
     assert set(acc) == {"initial", "f_ft"}
     # The repair works on Ray: F-FT beats the model trained on 40% wrong labels by a clear margin.
@@ -129,21 +120,21 @@ def test_pipeline_on_ray_repairs_then_skips_then_reruns_from(ray_executor, tmp_p
     assert report["detection"]["auroc"] > 0.8
     assert report["routes"]["f_ft"]["num_workers"] >= 1
     for stage in ("data", "initial", "attribution", "partition", "prune", "f_ft"):
-        assert storage.read_manifest(storage.join(out, stage)) is not None
+        assert storage.read_manifest(run.stage(stage)) is not None
 
     # A second run skips every stage and reports the same numbers.
     logs.clear()
-    again = run(config, out, ray_executor, log=logs.append)
+    again = raypipe.run(config, out, log=logs.append)
     skipped = {line.split("]")[0].lstrip("[") for line in logs if "up to date, skipped" in line}
     assert skipped == {"data", "initial", "attribution", "partition", "prune", "f_ft"}
     assert not any(line.endswith(" s") and "done in" in line for line in logs)
     assert again["routes"]["f_ft"]["accuracy"] == report["routes"]["f_ft"]["accuracy"]
 
     # --from partition reruns partition and what follows it, nothing before.
-    before = {s: storage.read_manifest(storage.join(out, s))["finished_at"] for s in ("data", "initial", "attribution")}
+    before = {s: storage.read_manifest(run.stage(s))["finished_at"] for s in ("data", "initial", "attribution")}
     logs.clear()
-    run(config, out, ray_executor, from_stage="partition", log=logs.append)
+    raypipe.run(config, out, from_stage="partition", log=logs.append)
     done = {line.split("]")[0].lstrip("[") for line in logs if "] done in" in line}
     assert done == {"partition", "prune", "f_ft"}
-    after = {s: storage.read_manifest(storage.join(out, s))["finished_at"] for s in before}
+    after = {s: storage.read_manifest(run.stage(s))["finished_at"] for s in before}
     assert after == before

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import raypipe
+from raypipe.layout import RunLayout
 from raypipe.report.plots import write_plots
 
 QUICK = [
@@ -86,7 +87,7 @@ def test_a_failing_plot_is_logged_and_skipped(loss_run: Path, tmp_path: Path):
     (run / "partition" / "mixture.json").unlink()
     report = json.loads((run / "report.json").read_text())
     messages: list[str] = []
-    names = write_plots(str(run), report, log=messages.append)
+    names = write_plots(RunLayout(str(run)), report, log=messages.append)
     assert names == ["plots/p_noisy.png", "plots/routes.png"]
     assert len(messages) == 1 and "plots/mixture.png" in messages[0] and "\n" not in messages[0]
     assert not (run / "plots" / "mixture.png").exists()  # the stale copy from the original run is gone
@@ -105,7 +106,7 @@ def test_without_ground_truth_and_subset_of_routes(loss_run: Path, tmp_path: Pat
     report["routes"] = {k: v for k, v in report["routes"].items() if k in ("initial", "f_ft")}
     shutil.rmtree(run / "plots")
     messages: list[str] = []
-    assert write_plots(str(run), report, log=messages.append) == ALL_PLOTS
+    assert write_plots(RunLayout(str(run)), report, log=messages.append) == ALL_PLOTS
     assert messages == []
     for name in ALL_PLOTS:
         assert_png(run / name)
@@ -118,5 +119,5 @@ def test_no_pyplot_figures_left_open(loss_run: Path, tmp_path: Path):
     report = json.loads((loss_run / "report.json").read_text())
     run = tmp_path / "run"
     shutil.copytree(loss_run, run)
-    assert write_plots(str(run), report) == ALL_PLOTS
+    assert write_plots(RunLayout(str(run)), report) == ALL_PLOTS
     assert len(plt.get_fignums()) == before

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from raypipe.config import ModelConfig, TrainConfig
-from raypipe.core.models import ProbedModel, build_model, load_model, model_signature, save_model
+from raypipe.core.models import ProbedModel, build_model, model_signature
 from raypipe.core.pruning import prune_neurons, pruned_mask
-from raypipe.training.loop import fit
+from raypipe.training.checkpoint import load_model, save_model
+
+from helpers import train_arrays
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,7 +73,7 @@ def test_pruned_neurons_stay_zero_through_f_ft(train_cfg):
     x, y = _data()
     model = _pruned_model()
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    fit(model, x, y, train_cfg, route="f_ft", device=torch.device("cpu"))
+    train_arrays(model, x, y, train_cfg, route="f_ft", device=torch.device("cpu"))
     state = model.state_dict()
     assert not torch.equal(state["fc.weight"], start["fc.weight"])  # training did happen (18 steps)
     assert not torch.equal(state["backbone.1.weight"], start["backbone.1.weight"])
@@ -84,7 +86,7 @@ def test_pruned_neurons_stay_zero_through_f_ft(train_cfg):
 def test_pruning_survives_checkpoint_round_trip(tmp_path):
     x, y = _data()
     model = _pruned_model()
-    fit(model, x, y, TrainConfig(epochs=1, lr=1e-2, batch_size=32), route="f_ft", device=torch.device("cpu"))
+    train_arrays(model, x, y, TrainConfig(epochs=1, lr=1e-2, batch_size=32), route="f_ft", device=torch.device("cpu"))
     uri = str(tmp_path / "pruned.pt")
     signature = model_signature(MODEL_CFG, SHAPE, CLASSES)
     save_model(uri, model, signature, {"pruned": PRUNED})
@@ -97,5 +99,7 @@ def test_pruning_survives_checkpoint_round_trip(tmp_path):
         assert torch.equal(loaded(torch.as_tensor(x)), model(torch.as_tensor(x)))
     _assert_pruned(loaded, x)
     # and it stays pruned when fine-tuned again after loading
-    fit(loaded, x, y, TrainConfig(epochs=2, optimizer="sgd", lr=0.1, weight_decay=1e-2, batch_size=16), "f_ft", "cpu")
+    train_arrays(
+        loaded, x, y, TrainConfig(epochs=2, optimizer="sgd", lr=0.1, weight_decay=1e-2, batch_size=16), "f_ft", "cpu"
+    )
     _assert_pruned(loaded, x)

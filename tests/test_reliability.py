@@ -5,9 +5,10 @@
 - Driver killed (`raypipe run` as a subprocess, SIGKILL at a chosen point, local executor): the rerun skips
   the finished stages, keeps the finished attribution shards (same inode and mtime: not recomputed), and
   ends with the same report as an uninterrupted run (seeded, one thread: the very same numbers).
-- Train worker killed (Ray Train on this module's local Ray, through the test hook in
-  raypipe.distributed.train): the group restarts from the latest checkpoint, redoes at most the epoch in
-  flight, finishes, and reports metrics close to a clean run of the same route.
+- Train worker killed (Ray Train on this module's local Ray, through the fault hook tests/faults installs
+  in its workers): the group restarts from the latest checkpoint, redoes at most the epoch in flight,
+  finishes, and reports metrics close to a clean run of the same route; killed after the trajectory
+  epochs of the initial model, the partition still uses the trajectory signals.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from typing import Any
 
 import pytest
 
-from raypipe import storage
+from raypipe import layout, storage
 from raypipe.config import load_config
 from raypipe.executors import LocalExecutor
-from raypipe.pipeline import PENDING, Pipeline
+from raypipe.layout import PENDING, RunLayout
+from raypipe.pipeline import Run, Stage
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = {"log": lambda *_: None}
@@ -72,8 +74,10 @@ def test_list_files_ignores_temporaries(tmp_path):
     assert storage.list_files(str(tmp_path), ".parquet") == [str(tmp_path / "part-00000.parquet")]
 
 
-def _pipeline(out: Path) -> Pipeline:
-    return Pipeline(load_config(None, []), str(out), LocalExecutor(**QUIET), **QUIET)
+def _run_stage(out: Path, name: str, settings: dict[str, Any], body) -> dict[str, Any]:
+    """One stage with an ad hoc body through the pipeline's runner."""
+    stage = Stage(name, (), lambda cfg: settings, lambda run, uri: body(uri))
+    return Run(load_config(None, []), RunLayout(str(out)), LocalExecutor(**QUIET), **QUIET).run_stage(stage)
 
 
 class Boom(RuntimeError):
@@ -97,7 +101,7 @@ def test_manifest_is_written_last_and_never_seen_early(tmp_path, monkeypatch):
             storage.write_bytes(storage.join(uri, f"part-{k:05d}.parquet"), b"rows")
         return {"rows": 3}
 
-    _pipeline(out).stage("attribution", {"rule": "loss"}, [], body)
+    _run_stage(out, "attribution", {"rule": "loss"}, body)
     in_stage = [u.rsplit("/", 1)[-1] for u in written if "/attribution/" in u]
     assert in_stage[0] == PENDING and in_stage[-1] == storage.MANIFEST  # started first, finished last
     assert in_stage[1:-1] == [f"part-{k:05d}.parquet" for k in range(3)]
@@ -116,7 +120,7 @@ def test_failed_stage_is_not_finished_then_resumes_or_is_cleared(tmp_path):
         return body
 
     with pytest.raises(Boom):
-        _pipeline(out).stage("attribution", {"rule": "loss"}, [], dies_after(2))
+        _run_stage(out, "attribution", {"rule": "loss"}, dies_after(2))
     assert storage.read_manifest(str(out / "attribution")) is None
     assert _stage_files(out, "attribution") == [PENDING, "part-00000.parquet", "part-00001.parquet"]
 
@@ -128,12 +132,12 @@ def test_failed_stage_is_not_finished_then_resumes_or_is_cleared(tmp_path):
         raise Boom("again")
 
     with pytest.raises(Boom):
-        _pipeline(out).stage("attribution", {"rule": "loss"}, [], sees_then_dies)
+        _run_stage(out, "attribution", {"rule": "loss"}, sees_then_dies)
     assert seen[-1] == [PENDING, "part-00000.parquet", "part-00001.parquet"]
 
     # Other settings: the half-done stage of the old settings is cleared before the body runs.
     with pytest.raises(Boom):
-        _pipeline(out).stage("attribution", {"rule": "grad_x_act_label"}, [], sees_then_dies)
+        _run_stage(out, "attribution", {"rule": "grad_x_act_label"}, sees_then_dies)
     assert seen[-1] == [PENDING]
     assert storage.read_json(str(out / "attribution" / PENDING))["fingerprint"] == storage.fingerprint(
         {"settings": {"rule": "grad_x_act_label"}, "inputs": {}}
@@ -142,7 +146,7 @@ def test_failed_stage_is_not_finished_then_resumes_or_is_cleared(tmp_path):
 
 def test_finished_stage_rerun_with_other_settings_is_unfinished_until_done(tmp_path):
     out = tmp_path / "run"
-    _pipeline(out).stage("partition", {"tau": 0.5}, [], lambda uri: storage.write_bytes(uri + "/a", b"x") or {})
+    _run_stage(out, "partition", {"tau": 0.5}, lambda uri: storage.write_bytes(uri + "/a", b"x") or {})
     assert storage.read_manifest(str(out / "partition"))["settings"] == {"tau": 0.5}
 
     def dies(uri: str) -> dict[str, Any]:
@@ -151,11 +155,11 @@ def test_finished_stage_rerun_with_other_settings_is_unfinished_until_done(tmp_p
         raise Boom("killed")
 
     with pytest.raises(Boom):
-        _pipeline(out).stage("partition", {"tau": 0.3}, [], dies)
+        _run_stage(out, "partition", {"tau": 0.3}, dies)
     assert storage.read_manifest(str(out / "partition")) is None
     # The unchanged settings do not revive the old result: the stage now holds another setting's half output.
     ran = []
-    _pipeline(out).stage("partition", {"tau": 0.5}, [], lambda uri: ran.append(uri) or {})
+    _run_stage(out, "partition", {"tau": 0.5}, lambda uri: ran.append(uri) or {})
     assert ran and _stage_files(out, "partition") == [storage.MANIFEST]
 
 
@@ -187,16 +191,16 @@ if where == "attribution":  # inside the stage: after STOP_AFTER shards are publ
 
     attribute.ShardAttributor.__call__ = counted
 else:  # between stages: `prune` finished, `f_ft` about to train
-    from raypipe.stages import train
+    from raypipe import executors
 
-    train_local = train.train_local
+    train_local = executors.train_local
 
-    def stop_at_f_ft(request, log=print):
+    def stop_at_f_ft(request, *args, **kwargs):
         if request.route == "f_ft":
             stop_here("f_ft")
-        return train_local(request, log)
+        return train_local(request, *args, **kwargs)
 
-    train.train_local = stop_at_f_ft
+    executors.train_local = stop_at_f_ft
 
 from raypipe.cli import main
 
@@ -330,29 +334,22 @@ def test_driver_killed_between_stages_reruns_only_the_rest(reference_run, tmp_pa
 # 2. A Ray Train worker killed mid-epoch.
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    # The Train controller collects each epoch's report when it polls (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
-    # passed from this driver to the controller and the workers): poll often, so failures are seen fast.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    # address="local": a Ray of this module's own, never a cluster that happens to run on this machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
-
-
 def _route_log(hook_dir: Path, route: str) -> list[tuple[str, int, int]]:
     """(kind, rank, epoch) of the hook's lines "start|epoch <rank> <epoch> <unix time>", in time order."""
     lines = [line.split() for line in (hook_dir / f"{route}.log").read_text().splitlines()]
     return [(kind, int(rank), int(epoch)) for kind, rank, epoch, _ in sorted(lines, key=lambda f: float(f[3]))]
 
 
+def _arm_kill(faults: Path, hook_dir: Path, route: str, epoch: int) -> None:
+    """The last rank of `route`'s Train workers dies after one batch of `epoch` (tests/faults)."""
+    hook_dir.mkdir()
+    (faults / "kill.json").write_text(json.dumps({"route": route, "epoch": epoch, "log": str(hook_dir)}))
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_train_worker_killed_mid_epoch_resumes_from_checkpoint(reference_run, ray_cluster, tmp_path, monkeypatch):
+def test_train_worker_killed_mid_epoch_resumes_from_checkpoint(reference_run, ray_cluster, faults, tmp_path):
     import raypipe
-    from raypipe.distributed.train import TEST_KILL_ENV
 
     ref_out, ref_report = reference_run
     out = tmp_path / "run"
@@ -360,11 +357,12 @@ def test_train_worker_killed_mid_epoch_resumes_from_checkpoint(reference_run, ra
     config = load_config(None, [*RUN, "run.executor=ray", "ray.num_workers=2", "ray.max_failures=2"])
 
     hook_dir = tmp_path / "hook"
-    hook_dir.mkdir()
-    monkeypatch.setenv(TEST_KILL_ENV, f"f_ft:2:{hook_dir}")  # the last rank dies after one batch of epoch 2
+    _arm_kill(faults, hook_dir, "f_ft", 2)
     logs: list[str] = []
-    killed = raypipe.run(config, str(out), from_stage="f_ft", log=logs.append)
-    monkeypatch.delenv(TEST_KILL_ENV)
+    try:
+        killed = raypipe.run(config, str(out), from_stage="f_ft", log=logs.append)
+    finally:
+        (faults / "kill.json").unlink()
 
     assert (hook_dir / "killed-f_ft").exists()  # a worker process really died
     events = _route_log(hook_dir, "f_ft")
@@ -384,3 +382,38 @@ def test_train_worker_killed_mid_epoch_resumes_from_checkpoint(reference_run, ra
     assert after_kill["n_train"] == clean["n_train"]
     for metric in ("accuracy", "macro_f1", "macro_precision"):
         assert after_kill[metric] == pytest.approx(clean[metric], abs=0.05), metric
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_train_worker_killed_after_the_trajectory_epochs_keeps_the_trajectory(
+    reference_run, ray_cluster, faults, tmp_path
+):
+    """The trajectory recorder's state is in the resumable checkpoint: a worker group restarted after the
+    trajectory epochs of the initial model still writes the whole trajectory, and the partition uses it."""
+    import raypipe
+
+    ref_out, _ = reference_run
+    out = tmp_path / "run"
+    shutil.copytree(ref_out / "data", out / "data")
+    config = load_config(
+        None, [*RUN, "detection.aum_epochs=3", "run.executor=ray", "ray.num_workers=2", "ray.max_failures=2"]
+    )
+    hook_dir = tmp_path / "hook"
+    _arm_kill(faults, hook_dir, "initial", 5)  # after epochs 1-3 were recorded
+    logs: list[str] = []
+    try:
+        report = raypipe.run(config, str(out), log=logs.append)
+    finally:
+        (faults / "kill.json").unlink()
+
+    assert (hook_dir / "killed-initial").exists()
+    rank0_epochs = [epoch for kind, rank, epoch in _route_log(hook_dir, "initial") if kind == "epoch" and rank == 0]
+    assert rank0_epochs == [1, 2, 3, 4, 5, 5, 6], rank0_epochs  # resumed from the checkpoint of epoch 4
+    trajectory = storage.read_table(layout.trajectory_file(str(out / "initial"))).to_pydict()
+    n_train = storage.read_manifest(str(out / "data"))["summary"]["rows"]["train"]
+    assert len(trajectory["sample_id"]) == n_train
+    assert all(v == v for v in trajectory["aum"]) and all(v == v for v in trajectory["early_loss"])  # no NaN
+    partition = storage.read_manifest(str(out / "partition"))["summary"]
+    assert {"aum", "early_loss"} <= set(partition["signals_available"]), partition["signals_available"]
+    assert {"aum", "early_loss"} <= set(report["detection"]["auroc_by_signal"])

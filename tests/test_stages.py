@@ -8,15 +8,14 @@ import shutil
 import numpy as np
 import pytest
 
-from raypipe import storage
+import raypipe
+from raypipe import layout, storage
 from raypipe.config import load_config
 from raypipe.core.detection.trajectory import margins_and_losses
-from raypipe.core.models import load_model
-from raypipe.executors import LocalExecutor
-from raypipe.pipeline import run
 from raypipe.stages import data as prepare
 from raypipe.stages.train import TrainRequest, train_local
 from raypipe.tables import columns_from_table
+from raypipe.training.checkpoint import load_model
 from raypipe.training.loop import predict_logits
 
 QUIET = {"log": lambda *_: None}
@@ -26,7 +25,7 @@ QUIET = {"log": lambda *_: None}
 def data_uri(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("data"))
     config = load_config(None, ["data.max_train_samples=300"])
-    prepare.run(config, out, **QUIET)
+    prepare.run(config.data, config.noise, out, **QUIET)
     return out, config
 
 
@@ -36,7 +35,7 @@ def _train(data_uri, config, out, epochs, trajectory_epochs):
         "initial", cfg, data_uri, out, config.model, 0, trajectory_epochs=trajectory_epochs, early_loss_epoch=1
     )
     train_local(request, **QUIET)
-    model, _, _ = load_model(storage.join(out, "model.pt"))
+    model, _, _ = load_model(layout.model_file(out))
     return model
 
 
@@ -52,12 +51,12 @@ def test_recorded_trajectory_equals_recomputation_from_checkpoints(data_uri, tmp
         m, loss = margins_and_losses(predict_logits(model, train.x, 512, "cpu"), train.label)
         margins.append(m)
         losses.append(loss)
-    recorded = columns_from_table(storage.read_table(str(tmp_path / "e2" / "trajectory" / "rank-000.parquet")))
+    recorded = columns_from_table(storage.read_table(layout.trajectory_file(str(tmp_path / "e2"))))
     assert np.array_equal(recorded["sample_id"], train.sample_id)
     np.testing.assert_allclose(recorded["aum"], (margins[0] + margins[1]) / 2, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(recorded["early_loss"], losses[0], rtol=1e-5, atol=1e-5)
     # Not recorded when not asked for.
-    assert not storage.exists(str(tmp_path / "e1" / "trajectory"))
+    assert not storage.exists(layout.trajectory_dir(str(tmp_path / "e1")))
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +64,7 @@ def memorized_run(tmp_path_factory):
     """Digits, 40% symmetric noise, a model trained until it fits most of its wrong labels."""
     out = str(tmp_path_factory.mktemp("memorized") / "run")
     overrides = ["initial.epochs=150", "initial.lr=0.003", "attribution.rule=grad_x_act_maxclass", "run.routes=[]"]
-    run(load_config(None, [*overrides, "detection.signal=auto"]), out, LocalExecutor(**QUIET), **QUIET)
+    raypipe.run(load_config(None, [*overrides, "detection.signal=auto"]), out, **QUIET)
     return out, overrides
 
 
@@ -77,9 +76,7 @@ def test_partition_signals_on_a_memorized_model(memorized_run, tmp_path, signal)
     out = str(tmp_path / "run")
     shutil.copytree(base, out)
     logs: list[str] = []
-    report = run(
-        load_config(None, [*overrides, f"detection.signal={signal}"]), out, LocalExecutor(**QUIET), log=logs.append
-    )
+    report = raypipe.run(load_config(None, [*overrides, f"detection.signal={signal}"]), out, log=logs.append)
     assert any("[initial] up to date, skipped" in line for line in logs)
     assert report["routes"]["initial"]["train_accuracy_given_labels"] > 0.9  # memorized the noisy labels
     det = report["detection"]
@@ -90,7 +87,7 @@ def test_partition_signals_on_a_memorized_model(memorized_run, tmp_path, signal)
         assert det["auroc"] < 0.75  # the paper's rule cannot see label noise in a memorized model
     else:
         assert det["auroc"] > 0.9 and det["f1"] > 0.8, det
-    issues = columns_from_table(storage.read_table(str(tmp_path / "run" / "partition" / "label_issues.parquet")))
+    issues = columns_from_table(storage.read_table(layout.label_issues_file(str(tmp_path / "run" / "partition"))))
     assert len(issues["sample_id"]) == report["partition"]["n_noisy"]
     assert np.all(np.diff(issues["p_noisy"]) <= 0)  # most suspect first
     assert set(issues["flagged_by"]) <= {signal}

@@ -19,10 +19,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raypipe import storage
+from raypipe import layout, storage
 from raypipe import sweep as core
 from raypipe.config import load_config
+from raypipe.distributed.resources import plan_sweep
 from raypipe.errors import ConfigError, DataError
+from raypipe.layout import SweepLayout
+from raypipe.sweep import load_sweep_config
+from raypipe.sweep.space import check_resumable
+from raypipe.sweep.trial import validation_set, write_validation_set
 
 # Small budgets: 600 training samples, a 15-epoch initial model, fine-tuning of 2-3 epochs.
 QUICK = ["data.max_train_samples=600", "initial.epochs=15", "run.executor=local"]
@@ -43,7 +48,7 @@ SWEEP_A = [
 
 
 def _config(*extra: str):
-    return load_config("jobs/configs/digits_sweep.yaml", [*QUICK, *SWEEP_A, *extra])
+    return load_sweep_config("jobs/configs/digits_sweep.yaml", [*QUICK, *SWEEP_A, *extra])
 
 
 def _starts(trial_dir: Path) -> int:
@@ -55,17 +60,17 @@ def _starts(trial_dir: Path) -> int:
 
 
 def test_search_space_grid_order_and_distinct_samples():
-    cfg = load_config(None, ["sweep.lr=[0.001,0.01]", "sweep.tau=[0.3,0.5,0.7]", "sweep.num_samples=0"]).sweep
+    cfg = load_sweep_config(None, ["sweep.lr=[0.001,0.01]", "sweep.tau=[0.3,0.5,0.7]", "sweep.num_samples=0"]).sweep
     specs = core.trial_specs(cfg)
     n = 2 * len(cfg.epochs) * len(cfg.routes) * len(cfg.rules) * 3 * len(cfg.prune_fraction)
     assert len(specs) == len(set(specs)) == n
     # lr varies slowest: the first half of the grid has the first learning rate.
     assert {s.lr for s in specs[: n // 2]} == {0.001} and {s.lr for s in specs[n // 2 :]} == {0.01}
-    sampled = core.trial_specs(load_config(None, ["sweep.num_samples=5", "sweep.seed=3"]).sweep)
+    sampled = core.trial_specs(load_sweep_config(None, ["sweep.num_samples=5", "sweep.seed=3"]).sweep)
     assert len(sampled) == len(set(sampled)) == 5  # distinct combinations
-    assert sampled == core.trial_specs(load_config(None, ["sweep.num_samples=5", "sweep.seed=3"]).sweep)
-    assert len(core.trial_specs(load_config(None, ["sweep.num_samples=100000"]).sweep)) == len(
-        core.trial_specs(load_config(None, ["sweep.num_samples=0"]).sweep)
+    assert sampled == core.trial_specs(load_sweep_config(None, ["sweep.num_samples=5", "sweep.seed=3"]).sweep)
+    assert len(core.trial_specs(load_sweep_config(None, ["sweep.num_samples=100000"]).sweep)) == len(
+        core.trial_specs(load_sweep_config(None, ["sweep.num_samples=0"]).sweep)
     )
 
 
@@ -94,27 +99,27 @@ def test_trial_config_sets_each_hyperparameter():
 )
 def test_sweep_config_errors_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
-        load_config(None, [override])
+        load_sweep_config(None, [override])
 
 
 def test_plan_fits_the_cluster():
-    cfg = load_config(None, ["sweep.cpus_per_trial=1"]).sweep
-    plan = core.plan_sweep({"CPU": 2.0}, cfg, 16)
+    cfg = load_sweep_config(None, ["sweep.cpus_per_trial=1"]).sweep
+    plan = plan_sweep({"CPU": 2.0}, cfg, 16)
     assert plan.trial_resources == {"cpu": 1.0} and plan.max_concurrent == 2 and plan.workers == 1
-    half = core.plan_sweep({"CPU": 2.0}, load_config(None, ["sweep.cpus_per_trial=0.5"]).sweep, 16)
+    half = plan_sweep({"CPU": 2.0}, load_sweep_config(None, ["sweep.cpus_per_trial=0.5"]).sweep, 16)
     assert half.max_concurrent == 4
-    assert core.plan_sweep({"CPU": 2.0}, cfg, 1).max_concurrent == 1  # never more than the trials
-    capped = load_config(None, ["sweep.max_concurrent_trials=1"]).sweep
-    assert core.plan_sweep({"CPU": 8.0}, capped, 16).max_concurrent == 1
+    assert plan_sweep({"CPU": 2.0}, cfg, 1).max_concurrent == 1  # never more than the trials
+    capped = load_sweep_config(None, ["sweep.max_concurrent_trials=1"]).sweep
+    assert plan_sweep({"CPU": 8.0}, capped, 16).max_concurrent == 1
     # Ray Train inside the trial: the driver's share plus its workers' stay within the trial's CPUs,
     # so concurrent trials together never ask for more than the cluster has (no hang on 2 CPUs).
-    w = core.plan_sweep({"CPU": 2.0}, load_config(None, ["sweep.workers_per_trial=2"]).sweep, 16)
+    w = plan_sweep({"CPU": 2.0}, load_sweep_config(None, ["sweep.workers_per_trial=2"]).sweep, 16)
     assert w.workers == 2 and w.trial_resources["cpu"] + 2 * w.cpus_per_worker <= 1.0 + 1e-9
     assert w.max_concurrent * (w.trial_resources["cpu"] + 2 * w.cpus_per_worker) <= 2.0 + 1e-9
     with pytest.raises(ConfigError, match="'sweep.cpus_per_trial'"):
-        core.plan_sweep({"CPU": 2.0}, load_config(None, ["sweep.cpus_per_trial=4"]).sweep, 4)
+        plan_sweep({"CPU": 2.0}, load_sweep_config(None, ["sweep.cpus_per_trial=4"]).sweep, 4)
     with pytest.raises(ConfigError, match="'sweep.gpus_per_trial'"):
-        core.plan_sweep({"CPU": 2.0}, load_config(None, ["sweep.gpus_per_trial=1"]).sweep, 4)
+        plan_sweep({"CPU": 2.0}, load_sweep_config(None, ["sweep.gpus_per_trial=1"]).sweep, 4)
 
 
 def test_choose_best_is_the_highest_objective_first_on_ties():
@@ -128,10 +133,17 @@ def test_choose_best_is_the_highest_objective_first_on_ties():
 
 def test_resuming_with_other_settings_is_refused(tmp_path):
     out = str(tmp_path / "sweep")
-    core.check_resumable(load_config(None, []), out)
-    core.check_resumable(load_config(None, ["sweep.cpus_per_trial=0.5", "ray.max_failures=0"]), out)  # where, not what
+    check_resumable(load_sweep_config(None, []), out)
+    check_resumable(load_sweep_config(None, ["sweep.cpus_per_trial=0.5", "ray.max_failures=0"]), out)  # where, not what
     with pytest.raises(ConfigError, match="'sweep.tau'"):
-        core.check_resumable(load_config(None, ["sweep.tau=[0.5]"]), out)
+        check_resumable(load_sweep_config(None, ["sweep.tau=[0.5]"]), out)
+
+
+def _validation(overrides: list[str], out: str):
+    """The sweep's validation set as trials read it (checked and written once, before any trial)."""
+    config = load_sweep_config(None, overrides)
+    write_validation_set(config, out)
+    return validation_set(config, out)
 
 
 def test_trusted_validation_set_formats(tmp_path):
@@ -142,42 +154,35 @@ def test_trusted_validation_set_formats(tmp_path):
 
     out = str(tmp_path / "sweep")
     config = load_config(None, QUICK)
-    prepare.run(config, core.Layout(out).data, log=lambda *_: None)
-    val = prepare.read_split(core.Layout(out).data, "val")
+    data_uri = SweepLayout(out).base.stage("data")
+    prepare.run(config.data, config.noise, data_uri, log=lambda *_: None)
+    val = prepare.read_split(data_uri, "val")
     summary = {"sample_shape": list(val.sample_shape), "num_classes": val.num_classes}
-    storage.write_manifest(core.Layout(out).data, {"summary": summary})  # what the data stage's manifest holds
+    storage.write_manifest(data_uri, {"summary": summary})  # what the data stage's manifest holds
     # raypipe's own table format, with the clean labels
     own = tmp_path / "trusted.parquet"
     storage.write_table(str(own), table_from_samples(val))
-    got = core.validation_set(load_config(None, ["sweep.objective=trusted", f"sweep.trusted_path={own}"]), out)
+    got = _validation(["sweep.objective=trusted", f"sweep.trusted_path={own}"], out)
     assert got.x.shape == (len(val), *val.sample_shape) and np.array_equal(got.label, val.label)
     # the parquet source's format: a flat image column and a label column
     flat = tmp_path / "flat.parquet"
     rows = val.x.reshape(len(val), -1)
     storage.write_table(str(flat), pa.table({"image": list(rows), "label": val.true_label}))
-    got = core.validation_set(load_config(None, ["sweep.objective=trusted", f"sweep.trusted_path={flat}"]), out)
+    got = _validation(["sweep.objective=trusted", f"sweep.trusted_path={flat}"], out)
     assert got.x.shape == (len(val), *val.sample_shape) and np.array_equal(got.label, val.true_label)
     np.testing.assert_allclose(got.x, val.x)
     # wrong sample width, missing file: errors naming the key
     storage.write_table(str(flat), pa.table({"image": list(rows[:, :10]), "label": val.true_label}))
     with pytest.raises(DataError, match="'sweep.trusted_path'"):
-        core.validation_set(load_config(None, ["sweep.objective=trusted", f"sweep.trusted_path={flat}"]), out)
+        _validation(["sweep.objective=trusted", f"sweep.trusted_path={flat}"], out)
     with pytest.raises(ConfigError, match="'sweep.trusted_path'"):
-        core.validation_set(load_config(None, ["sweep.objective=trusted", "sweep.trusted_path=/nowhere.pq"]), out)
+        _validation(["sweep.objective=trusted", "sweep.trusted_path=/nowhere.pq"], out)
 
 
 # ---------------------------------------------------------------------------------------------
 # On a local Ray cluster.
 
 ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    # address="local": a fresh cluster of our own even when another one runs on this machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +215,8 @@ def test_sweep_completes_stops_bad_trials_and_picks_the_best(sweep_a):
     # best/: a runnable config of that trial and its repaired model (the weights its objective was measured on)
     best_cfg = load_config(str(out / "best" / "config.yaml"))
     assert (best_cfg.l_ft.lr, best_cfg.attribution.rule, best_cfg.run.routes) == (0.001, best["rule"], ["l_ft"])
-    from raypipe.core.models import load_model
     from raypipe.stages.data import read_split
+    from raypipe.training.checkpoint import load_model
     from raypipe.training.loop import evaluate, resolve_device
 
     model, _, extra = load_model(str(out / "best" / "model.pt"))
@@ -310,7 +315,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(sweep_a, ray_clu
 @pytest.mark.slow
 def test_ray_train_inside_tune_trials_with_a_trusted_objective(sweep_a, tmp_path):
     """workers_per_trial=2: each trial's fine-tuning is a TorchTrainer started inside the Tune
-    function; its per-epoch reports reach Tune (ASHA's input) through TuneReportCallback."""
+    function; its per-epoch reports reach Tune (ASHA's input) through the relay of raypipe.distributed.tune."""
     from raypipe.data import table_from_samples
     from raypipe.distributed.tune import run_sweep
     from raypipe.stages.data import read_split
@@ -335,7 +340,7 @@ def test_ray_train_inside_tune_trials_with_a_trusted_objective(sweep_a, tmp_path
     rows = result["rows"]
     assert len(rows) == 1 and all(r["status"] == "completed" and r["epochs_run"] == 2 for r in rows), rows
     for row in rows:
-        assert (out / "trials" / row["trial_id"] / "ray_train").is_dir()
+        assert Path(layout.ray_train_dir(str(out / "trials" / row["trial_id"] / "f_ft"))).is_dir()
         reported = [
             json.loads(line)
             for path in glob.glob(str(out / "tune" / f"*{row['trial_id']}*" / "result.json"))
@@ -348,19 +353,22 @@ def test_ray_train_inside_tune_trials_with_a_trusted_objective(sweep_a, tmp_path
 
 
 @pytest.mark.ray
-def test_crashing_trials_are_retried_or_recorded_and_the_sweep_still_picks_a_best(ray_cluster, tmp_path, monkeypatch):
-    """Issue 6, item 4. One trial crashes once (Tune retries it: ray.max_failures=2) and completes;
-    another crashes every time (1 try + 2 retries) and is recorded as `error` in the trials table;
-    the sweep still writes its best from the trials that finished."""
-    from raypipe.distributed.tune import TEST_CRASH_ENV, run_sweep
+def test_crashing_trials_are_retried_or_recorded_and_the_sweep_still_picks_a_best(ray_cluster, faults, tmp_path):
+    """One trial crashes once (Tune retries it: ray.max_failures=2) and completes; another crashes every
+    time (1 try + 2 retries) and is recorded as `error` in the trials table; the sweep still writes its
+    best from the trials that finished. The crashes come from the fault hook of tests/faults."""
+    from raypipe.distributed.tune import run_sweep
 
     markers = tmp_path / "markers"
     markers.mkdir()
     crashes = {"loss:0.001": 1, "grad_x_act_label:0.001": 99}
-    monkeypatch.setenv(TEST_CRASH_ENV, json.dumps({"dir": str(markers), "crashes": crashes}))
+    (faults / "crash.json").write_text(json.dumps({"dir": str(markers), "crashes": crashes}))
     out = tmp_path / "crash"
     config = _config("sweep.lr=[0.001]", "sweep.epochs=[2]", "sweep.grace_period=2", "ray.max_failures=2")
-    result = run_sweep(config, str(out), log=lambda *_: None)
+    try:
+        result = run_sweep(config, str(out), log=lambda *_: None)
+    finally:
+        (faults / "crash.json").unlink()
     rows = {r["rule"]: r for r in result["rows"]}
     assert len(list(markers.glob("crash-loss-*"))) == 1
     assert len(list(markers.glob("crash-grad_x_act_label-*"))) == 3  # the first try and both retries

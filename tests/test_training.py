@@ -9,8 +9,11 @@ from sklearn.metrics import accuracy_score, f1_score, precision_score
 from torch import nn
 
 from raypipe.config import ModelConfig, TrainConfig
+from raypipe.core.metrics import classification_metrics
 from raypipe.core.models import ProbedModel, build_model
-from raypipe.training.loop import classification_metrics, evaluate, fit, predict_logits, tensor_batches
+from raypipe.training.loop import Callback, InMemory, evaluate, predict_logits
+
+from helpers import train_arrays
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,7 +46,7 @@ def test_l_ft_trains_only_the_head():
     x, y = _blobs(96, seed=0)
     model = _bn_model()
     backbone0, head0 = _snapshot(model.backbone), {k: v.clone() for k, v in model.named_parameters()}
-    fit(model, x, y, ADAM, route="l_ft", device=CPU)
+    train_arrays(model, x, y, ADAM, route="l_ft", device=CPU)
     for k, v in model.backbone.state_dict().items():  # parameters and BatchNorm running statistics
         assert torch.equal(v, backbone0[k]), k
     for name in ("fc.weight", "fc.bias", "fc2.weight", "fc2.bias"):
@@ -61,57 +64,82 @@ def test_l_ft_on_cached_features_equals_l_ft_through_the_backbone(monkeypatch):
     calls = {"cached": 0, "direct": 0}
     cached.backbone.register_forward_hook(lambda *_: calls.__setitem__("cached", calls["cached"] + 1))
     direct.backbone.register_forward_hook(lambda *_: calls.__setitem__("direct", calls["direct"] + 1))
-    result_cached = fit(cached, x, y, cfg, route="l_ft", device=CPU, seed=5)
+    result_cached = train_arrays(cached, x, y, cfg, route="l_ft", device=CPU, seed=5)
     monkeypatch.setattr(training, "FEATURE_CACHE_MAX_BYTES", 0)  # too small: the backbone runs every epoch
-    result_direct = fit(direct, x, y, cfg, route="l_ft", device=CPU, seed=5)
+    result_direct = train_arrays(direct, x, y, cfg, route="l_ft", device=CPU, seed=5)
     assert calls == {"cached": 1, "direct": 3 * 6}  # one pass over 96 samples, against 6 batches x 3 epochs
     for (name, a), b in zip(cached.state_dict().items(), direct.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-5), name
     for h_cached, h_direct in zip(result_cached.history, result_direct.history, strict=True):
         assert h_cached["train_loss"] == pytest.approx(h_direct["train_loss"], abs=1e-5)
         assert h_cached["train_accuracy"] == h_direct["train_accuracy"]
-    assert result_cached.seconds_total > 0
+    assert result_cached.seconds_train > 0
 
 
 def test_f_ft_trains_the_backbone():
     x, y = _blobs(96, seed=0)
     model = _bn_model()
-    fit(model, x, y, ADAM, route="l_ft", device=CPU)  # a frozen backbone must thaw for f_ft
+    train_arrays(model, x, y, ADAM, route="l_ft", device=CPU)  # a frozen backbone must thaw for f_ft
     backbone0 = _snapshot(model.backbone)
     fc0 = model.fc.weight.detach().clone()
-    fit(model, x, y, ADAM, route="f_ft", device=CPU)
+    train_arrays(model, x, y, ADAM, route="f_ft", device=CPU)
     assert not torch.equal(model.backbone.state_dict()["1.weight"], backbone0["1.weight"])
     assert not torch.equal(model.backbone.state_dict()["2.running_mean"], backbone0["2.running_mean"])
     assert not torch.equal(model.fc.weight, fc0)
     assert all(p.requires_grad for p in model.parameters())
 
 
+class _Seen(Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_epoch_end(self, epoch, metrics, state):
+        self.seen.append((epoch, state, metrics))
+
+
 def test_fit_result_and_callback():
     x, y = _blobs(50, seed=1)
     model = build_model(ModelConfig(name="mlp", probe_width=8, hidden_width=8), SHAPE, CLASSES)
-    seen = []
+    callback = _Seen()
     cfg = TrainConfig(epochs=3, lr=1e-2, batch_size=16)
-    result = fit(model, x, y, cfg, "initial", CPU, on_epoch=lambda e, m, metrics: seen.append((e, m, metrics)))
-    assert result.epochs == 3 and len(result.history) == 3
-    assert result.seconds_total > 0
-    assert result.seconds_total == pytest.approx(sum(h["seconds"] for h in result.history))
-    assert result.seconds_per_epoch == pytest.approx(result.seconds_total / 3)
-    assert [e for e, _, _ in seen] == [1, 2, 3] and all(m is model for _, m, _ in seen)
+    result = train_arrays(model, x, y, cfg, "initial", CPU, callbacks=[callback])
+    seen = callback.seen
+    assert result.epoch == 3 and len(result.history) == 3
+    assert result.seconds_train > 0
+    assert result.seconds_train == pytest.approx(sum(h["seconds"] for h in result.history))
+    assert result.seconds_per_epoch == pytest.approx(result.seconds_train / 3)
+    assert [e for e, _, _ in seen] == [1, 2, 3] and all(s is result for _, s, _ in seen)
+    assert [m for _, _, m in seen] == result.history  # callbacks see the metrics the history keeps
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
     assert all(h["n"] == 50 for h in result.history)  # every sample once per epoch (last batch partial)
     assert all(0.0 <= h["train_accuracy"] <= 1.0 and h["train_loss"] > 0 for h in result.history)
 
 
-def test_tensor_batches_cover_every_sample_once():
+def test_batches_cover_every_sample_once():
     x = torch.arange(10).float().unsqueeze(1)
     y = torch.arange(10)
-    batches = list(tensor_batches(x, y, 4, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    data = InMemory(x, y, np.arange(10), batch_size=4, seed=0)
+    batches = list(data.batches(0))
     assert [len(b[1]) for b in batches] == [4, 4, 2]
     got = torch.cat([b[1] for b in batches])
     assert sorted(got.tolist()) == list(range(10)) and got.tolist() != list(range(10))
     assert all(torch.equal(bx[:, 0].long(), by) for bx, by in batches)  # x and y stay paired
-    plain = list(tensor_batches(x, y, 4, shuffle=False))
-    assert torch.cat([b[1] for b in plain]).tolist() == list(range(10))
+    # The order depends on (seed, epoch) only: a resumed run sees the batches an uninterrupted one saw.
+    assert torch.equal(torch.cat([b[1] for b in data.batches(1)]), torch.cat([b[1] for b in data.batches(1)]))
+    assert not torch.equal(torch.cat([b[1] for b in data.batches(1)]), got)
+
+
+def test_ranks_split_one_permutation_into_equal_parts():
+    """Data-parallel ranks take strides of the epoch's one permutation: together every sample, each the
+    same number of batches (padded by wrapping), and the 1-rank order is their interleaving."""
+    x, y = torch.arange(10).float().unsqueeze(1), torch.arange(10)
+    whole = torch.cat([b[1] for b in InMemory(x, y, np.arange(10), 2, seed=3).batches(4)])
+    parts = [
+        torch.cat([b[1] for b in InMemory(x, y, np.arange(10), 2, 3, rank=r, world=3).batches(4)]) for r in range(3)
+    ]
+    assert [len(p) for p in parts] == [4, 4, 4]
+    assert set(torch.cat(parts).tolist()) == set(range(10))
+    assert torch.stack(parts, dim=1).reshape(-1)[:10].tolist() == whole.tolist()
 
 
 def test_classification_metrics_hand_computed():
@@ -146,7 +174,7 @@ def test_learns_a_separable_problem():
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="mlp", probe_width=16, hidden_width=32), SHAPE, CLASSES)
     before = evaluate(model, x_test, y_test, CPU)["accuracy"]
-    fit(model, x, y, TrainConfig(epochs=5, optimizer="adam", lr=1e-2, batch_size=32), "initial", CPU)
+    train_arrays(model, x, y, TrainConfig(epochs=5, optimizer="adam", lr=1e-2, batch_size=32), "initial", CPU)
     after = evaluate(model, x_test, y_test, CPU)
     assert after["accuracy"] > 0.9 and after["macro_f1"] > 0.9
     assert after["accuracy"] > before

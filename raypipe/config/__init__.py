@@ -5,6 +5,7 @@ from raypipe.config.load import config_from_dict, dump_config, load_config, pars
 from raypipe.config.schema import (
     MODELS,
     REPAIR_ROUTES,
+    ROUTE_TITLES,
     ROUTES,
     RULES,
     SOURCES,
@@ -18,7 +19,6 @@ from raypipe.config.schema import (
     PruneConfig,
     RayConfig,
     RunConfig,
-    SweepConfig,
     TrainConfig,
     check_setting,
 )
@@ -26,6 +26,7 @@ from raypipe.config.schema import (
 __all__ = [
     "MODELS",
     "REPAIR_ROUTES",
+    "ROUTE_TITLES",
     "ROUTES",
     "RULES",
     "SOURCES",
@@ -39,7 +40,6 @@ __all__ = [
     "PruneConfig",
     "RayConfig",
     "RunConfig",
-    "SweepConfig",
     "TrainConfig",
     "check_setting",
     "config_from_dict",

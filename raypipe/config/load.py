@@ -15,7 +15,6 @@ from raypipe.config.schema import Config, check_setting
 from raypipe.errors import ConfigError
 
 
-
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -48,7 +47,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         check_setting(isinstance(value, bool), key, f"expected true or false, got {value!r}")
         return value
     if tp is int:
-        check_setting(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        check_setting(is_int, key, f"expected an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string

@@ -16,6 +16,7 @@ from raypipe.errors import ConfigError
 
 ROUTES = ("initial", "l_ft", "f_ft", "retrain")
 REPAIR_ROUTES = ("l_ft", "f_ft", "retrain")  # `initial` always runs (or is given): it is the model to repair
+ROUTE_TITLES = {"initial": "Initial", "l_ft": "L-FT", "f_ft": "F-FT", "retrain": "Retrain"}
 RULES = ("grad_x_act_maxclass", "grad_x_act_label", "loss", "last_layer_grad")
 SOURCES = ("digits", "fashion-mnist", "mnist", "cifar10", "parquet")
 MODELS = ("mlp", "cnn_small", "resnet18_cifar", "user")
@@ -38,7 +39,9 @@ class RunConfig:
 
     def validate(self) -> None:
         for route in self.routes:
-            check_setting(route in REPAIR_ROUTES, "run.routes", f"unknown route '{route}'; use any of {list(REPAIR_ROUTES)}")
+            check_setting(
+                route in REPAIR_ROUTES, "run.routes", f"unknown route '{route}'; use any of {list(REPAIR_ROUTES)}"
+            )
         check_setting(len(set(self.routes)) == len(self.routes), "run.routes", "a route is listed twice")
 
 
@@ -65,11 +68,17 @@ class DataConfig:
     shard_rows: int = 2048
 
     def validate(self) -> None:
-        check_setting(self.source in SOURCES, "data.source", f"unknown source '{self.source}'; use one of {list(SOURCES)}")
+        check_setting(
+            self.source in SOURCES, "data.source", f"unknown source '{self.source}'; use one of {list(SOURCES)}"
+        )
         check_setting(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
         check_setting(0.0 < self.test_fraction < 1.0, "data.test_fraction", "must be in (0, 1)")
-        check_setting(self.val_fraction + self.test_fraction < 1.0, "data.val_fraction", "val + test fractions must be < 1")
-        check_setting(self.max_train_samples is None or self.max_train_samples > 0, "data.max_train_samples", "must be > 0")
+        check_setting(
+            self.val_fraction + self.test_fraction < 1.0, "data.val_fraction", "val + test fractions must be < 1"
+        )
+        check_setting(
+            self.max_train_samples is None or self.max_train_samples > 0, "data.max_train_samples", "must be > 0"
+        )
         check_setting(self.shape is None or all(s > 0 for s in self.shape), "data.shape", "every size must be > 0")
         check_setting(self.num_classes is None or self.num_classes >= 2, "data.num_classes", "must be >= 2")
         check_setting(self.shard_rows >= 1, "data.shard_rows", "must be >= 1")
@@ -135,7 +144,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class AttributionConfig:
     # The per-sample vector the partition clusters. The paper's rule is grad_x_act_maxclass; it does
-    # not look at the label, so it cannot see label noise (METHOD.md); `loss` is the default here.
+    # not look at the label, so it cannot see label noise (docs/departures.md); `loss` is the default here.
     rule: str = "loss"
     batch_size: int = 256
 
@@ -177,7 +186,7 @@ class PartitionConfig:
 
 @dataclass(frozen=True)
 class DetectionConfig:
-    """Which per-sample signal decides the partition (METHOD.md: once a model has memorized its noisy
+    """Which per-sample signal decides the partition (docs/detection.md: once a model has memorized its noisy
     labels, the paper's attribution is at chance and the loss nearly so; neighbour label agreement in
     the probe space and the training trajectory still see the noise).
 
@@ -187,7 +196,7 @@ class DetectionConfig:
     - trajectory: -AUM (area under the margin) over the first aum_epochs of the initial training,
       only when raypipe trained the initial model;
     - auto: every available signal (attribution p_noisy, loss, knn, trajectory) combined without
-      ground truth by raypipe.detection.combine_signals (consensus of signals, else the best separated).
+      ground truth by raypipe.core.detection.combine_signals (consensus of signals, else the best separated).
     Every signal but `attribution` is turned into p_noisy by a per-class decision (`decision`), so
     noise that moves one class into a partner class is judged against that class's own baseline.
     """
@@ -204,7 +213,7 @@ class DetectionConfig:
     decision: Literal["mixture", "threshold", "global"] = "mixture"
     # Trajectory recording during initial training: margins of the first aum_epochs epochs (an eval
     # pass over the training set at the end of each), and the loss at the end of epoch
-    # early_loss_epoch (1-based; METHOD.md measured AUROC 0.99 at epoch 3 on symmetric noise).
+    # early_loss_epoch (1-based; the loss at epoch 3 had AUROC 0.97 at symmetric 40%: docs/departures.md).
     aum_epochs: int = 10
     early_loss_epoch: int = 3
 
@@ -270,87 +279,6 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
-class SweepConfig:
-    """`raypipe sweep`: a Ray Tune search over the partition, pruning and fine-tuning settings.
-
-    Every list is one axis of the search space; a trial takes one value of each. The data, the
-    initial model and the attributions (once per rule in `rules`) are computed once and shared.
-    """
-
-    tau: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
-    prune_fraction: list[float] = field(default_factory=lambda: [0.0, 0.156, 0.3])
-    rules: list[str] = field(default_factory=lambda: ["loss", "grad_x_act_label"])
-    # Fine-tuning routes; the route's section (l_ft / f_ft) gives its other settings.
-    routes: list[str] = field(default_factory=lambda: ["l_ft", "f_ft"])
-    lr: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2])
-    epochs: list[int] = field(default_factory=lambda: [10])
-    # 0: every combination of the lists (a grid); n > 0: n distinct combinations drawn with `seed`.
-    num_samples: int = 16
-    seed: int = 0
-    # The objective is accuracy on a validation split held out from the training data, never the test
-    # split. `noisy`: the data's own validation split with its given (possibly wrong) labels: all a user
-    # without clean data has. `trusted`: a small clean labelled set the user supplies in `trusted_path`.
-    objective: Literal["noisy", "trusted"] = "noisy"
-    # Parquet (file, directory or s3:// / gs:// URI): either written by raypipe (table_from_samples) or
-    # in the parquet source's format (data.image_column / data.label_column).
-    trusted_path: str | None = None
-    # Resources of one trial (its Ray Train workers included); concurrent trials: 0 = as many as the
-    # cluster's CPUs (GPUs) hold.
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    workers_per_trial: int = 1
-    max_concurrent_trials: int = 0
-    # ASHA early stopping: no trial is stopped before `grace_period` epochs; at each rung only the top
-    # 1 / reduction_factor of the trials continue.
-    grace_period: int = 1
-    reduction_factor: float = 2.0
-
-    def validate(self) -> None:
-        axes: dict[str, list[Any]] = {
-            "tau": self.tau,
-            "prune_fraction": self.prune_fraction,
-            "rules": self.rules,
-            "routes": self.routes,
-            "lr": self.lr,
-            "epochs": self.epochs,
-        }
-        for name, values in axes.items():
-            check_setting(len(values) >= 1, f"sweep.{name}", "needs at least one value")
-            check_setting(len(set(values)) == len(values), f"sweep.{name}", "a value is listed twice")
-        for v in self.tau:
-            check_setting(0.0 < v <= 1.0, "sweep.tau", f"{v} is outside (0, 1]")
-        for v in self.prune_fraction:
-            check_setting(0.0 <= v < 1.0, "sweep.prune_fraction", f"{v} is outside [0, 1)")
-        for v in self.rules:
-            check_setting(v in RULES, "sweep.rules", f"unknown rule '{v}'; use any of {list(RULES)}")
-        for v in self.routes:
-            check_setting(v in ("l_ft", "f_ft"), "sweep.routes", f"unknown route '{v}'; use any of ['l_ft', 'f_ft']")
-        for v in self.lr:
-            check_setting(v > 0, "sweep.lr", f"{v} must be > 0")
-        for v in self.epochs:
-            check_setting(v >= 1, "sweep.epochs", f"{v} must be >= 1")
-        check_setting(self.num_samples >= 0, "sweep.num_samples", "must be >= 0 (0 = every combination)")
-        check_setting(
-            self.objective != "trusted" or self.trusted_path is not None,
-            "sweep.trusted_path",
-            "sweep.objective=trusted needs a clean labelled Parquet set; set sweep.trusted_path=...",
-        )
-        check_setting(self.cpus_per_trial > 0, "sweep.cpus_per_trial", "must be > 0 (fractions such as 0.5 work)")
-        check_setting(self.gpus_per_trial >= 0, "sweep.gpus_per_trial", "must be >= 0")
-        check_setting(self.workers_per_trial >= 1, "sweep.workers_per_trial", "must be >= 1")
-        check_setting(self.max_concurrent_trials >= 0, "sweep.max_concurrent_trials", "must be >= 0 (0 = from the cluster)")
-        check_setting(self.grace_period >= 1, "sweep.grace_period", "must be >= 1")
-        check_setting(
-            self.grace_period <= max(self.epochs),
-            "sweep.grace_period",
-            f"{self.grace_period} is more than the most epochs a trial runs ({max(self.epochs)})",
-        )
-        check_setting(self.reduction_factor > 1, "sweep.reduction_factor", "must be > 1")
-
-
-
-
-@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -369,7 +297,6 @@ class Config:
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def validate(self) -> Config:
         for f in dataclasses.fields(self):
@@ -385,5 +312,3 @@ class Config:
 
     def section(self, name: str) -> Any:
         return getattr(self, name)
-
-

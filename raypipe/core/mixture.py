@@ -9,7 +9,7 @@ corruption indices here). Rule: the component whose members have the higher post
 mean loss on their given labels is the noisy one. Bad samples, mislabelled or corrupted, are the
 ones the model fits worse on their given labels; this holds for every attribution rule because it
 only uses the per-sample loss that the attribution pass records anyway. Ground truth, where an
-experiment has it, is used only by ``detection_metrics`` to score the split.
+experiment has it, is used only by ``raypipe.core.metrics.detection_metrics`` to score the split.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import chi2
 from sklearn.decomposition import PCA
-from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
 from sklearn.mixture import GaussianMixture
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
@@ -139,21 +138,3 @@ def check_clean_side(is_clean: np.ndarray, cfg: PartitionConfig) -> None:
             f"partition kept {share:.1%} of the training set as clean (< partition.min_clean_fraction="
             f"{cfg.min_clean_fraction}); raise partition.tau or try another attribution.rule"
         )
-
-
-def detection_metrics(is_corrupted: np.ndarray, p_noisy: np.ndarray, tau: float) -> dict[str, float]:
-    """Score the split against ground truth (experiments only): the positive class is 'corrupted'."""
-    truth = np.asarray(is_corrupted, dtype=bool)
-    flagged = ~split(p_noisy, tau)
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        truth, flagged, average="binary", pos_label=True, zero_division=0
-    )
-    auroc = float(roc_auc_score(truth, p_noisy)) if 0 < truth.sum() < len(truth) else float("nan")
-    return {
-        "precision": float(precision),
-        "recall": float(recall),
-        "f1": float(f1),
-        "auroc": auroc,
-        "n_flagged": int(flagged.sum()),
-        "n_corrupted": int(truth.sum()),
-    }

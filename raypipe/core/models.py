@@ -190,38 +190,3 @@ def load_checkpoint_dict(blob: dict, model: ProbedModel, signature: dict[str, An
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint '{source}' does not fit the model: {str(e).splitlines()[0]}") from None
     return blob.get("extra", {})
-
-
-def save_model(uri: str, model: ProbedModel, signature: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-    from raypipe import storage
-
-    storage.save_torch(uri, checkpoint_dict(model, signature, extra))
-
-
-def load_model(uri: str, expect: dict[str, Any] | None = None) -> tuple[ProbedModel, dict[str, Any], dict[str, Any]]:
-    """Rebuild the model a raypipe checkpoint describes -> (model, signature, extra).
-
-    With `expect` (a signature from the config), a checkpoint of another architecture, probe width,
-    input shape or class count is refused with a message saying which.
-    """
-    from raypipe import storage
-
-    blob = storage.load_torch(uri)
-    signature = saved_signature(blob, uri)
-    if expect is not None:  # refuse before building: the config, not the checkpoint, picks the code that runs
-        check_signature(signature, expect, uri)
-    source = expect or signature
-    cfg = ModelConfig(
-        name=source["name"],
-        probe_width=source["probe_width"],
-        hidden_width=source["hidden_width"],
-        factory=source.get("factory"),
-    )
-    try:
-        model = build_model(cfg, tuple(source["input_shape"]), source["num_classes"])
-    except (ConfigError, TypeError, ValueError) as e:
-        if expect is not None:
-            raise
-        raise CheckpointError(f"checkpoint '{uri}' describes a model that cannot be built: {e}") from None
-    extra = load_checkpoint_dict(blob, model, source, uri)
-    return model, signature, extra

@@ -1,4 +1,5 @@
-"""The Ray executor: the same stage functions as `LocalExecutor`, spread over a Ray cluster.
+"""The Ray executor (`raypipe.stages.Executor`): the same stage functions as `LocalExecutor`, spread over a
+Ray cluster.
 
 - attribution: a Ray Dataset with one row per pending data shard, `map_batches` on an actor pool
   (`ActorPoolStrategy(min_size, max_size)`), one model per actor loaded once from its checkpoint
@@ -7,7 +8,7 @@
   computes only the rest (shards, not Ray's internal blocks, are the unit of resumable work);
 - map: per-shard tasks (the mixture's fit sample, scoring, the sensitivity sums); only their small
   results travel to the driver;
-- train: Ray Train (raypipe.distributed.train).
+- train: Ray Train (raypipe.distributed.train), running the one training loop on every worker.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from typing import Any
 import numpy as np
 import ray
 
-from raypipe import storage
 from raypipe.config import Config
 from raypipe.distributed.resources import Plan, plan_resources
 from raypipe.errors import RaypipeError
+from raypipe.stages.attribution import ShardAttributor
+from raypipe.stages.train import TrainRequest
 
 # What each actor, task and Train worker asks of `ray.worker_resource`: a token amount, so a node
 # declaring 1 unit of it holds up to 100 of them; CPUs and GPUs stay the real limits.
@@ -71,8 +73,6 @@ class _ShardActor:
     """Ray Data callable class: one model per actor; a batch = some (in_uri, out_uri) shard jobs."""
 
     def __init__(self, model_uri: str, rule: str, batch_size: int, device: str):
-        from raypipe.stages.attribution import ShardAttributor
-
         self.attributor = ShardAttributor(model_uri, rule, batch_size, device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -133,19 +133,12 @@ class RayExecutor:
             rows += int(batch["rows"].sum())
         return rows
 
-    def train(self, request) -> dict[str, Any]:
+    def train(self, request: TrainRequest) -> dict[str, Any]:
         from raypipe.distributed.train import train_on_ray
 
-        data_summary = storage.read_manifest(request.data_uri)["summary"]
         ray_cfg = self.config.ray
         return train_on_ray(
-            request,
-            self.plan,
-            data_summary,
-            ray_cfg.max_failures,
-            ray_cfg.worker_cache_mb,
-            self.log,
-            placement=self.placement,
+            request, self.plan, ray_cfg.max_failures, ray_cfg.worker_cache_mb, self.log, placement=self.placement
         )
 
     def close(self) -> None:

@@ -11,10 +11,11 @@ arithmetic on resource dicts: unit-tested without a cluster.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from raypipe.config import RayConfig
-from raypipe.errors import RaypipeError
+from raypipe.errors import ConfigError, RaypipeError
 
 
 @dataclass(frozen=True)
@@ -115,3 +116,51 @@ def _plan_from_totals(resources: dict[str, float], cfg: RayConfig) -> Plan:
     return Plan(
         False, max_actors, min(1.0, cpus / max_actors), 0.0, 1.0, num_workers, min(2.0, train_cpus / num_workers), 0.0
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# A sweep's trials.
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    # What Tune reserves for the trial function: the whole trial when it trains in-process, only the
+    # driver's share when it starts Ray Train workers (which reserve their own).
+    trial_resources: dict[str, float]
+    max_concurrent: int
+    workers: int  # Ray Train workers per trial; 1 = fine-tune in the trial's own process
+    cpus_per_worker: float
+    gpus_per_worker: float
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0 or self.trial_resources.get("gpu", 0.0) > 0
+
+
+def plan_sweep(resources: dict[str, float], cfg, n_trials: int) -> SweepPlan:
+    """Concurrent trials and each trial's resources from ray.cluster_resources() and the `sweep:` section."""
+    cpus, gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
+    if cfg.cpus_per_trial > cpus + 1e-9:
+        raise ConfigError(
+            f"config key 'sweep.cpus_per_trial': {cfg.cpus_per_trial} is more than the cluster's {cpus:g} CPUs; "
+            "lower it (fractions such as 0.5 work)"
+        )
+    if cfg.gpus_per_trial > 0 and cfg.gpus_per_trial > gpus + 1e-9:
+        raise ConfigError(
+            f"config key 'sweep.gpus_per_trial': {cfg.gpus_per_trial} but the cluster has {gpus:g} GPUs; "
+            "set sweep.gpus_per_trial=0 or lower it"
+        )
+    fit = math.floor(cpus / cfg.cpus_per_trial + 1e-9)
+    if cfg.gpus_per_trial > 0:
+        fit = min(fit, math.floor(gpus / cfg.gpus_per_trial + 1e-9))
+    max_concurrent = cfg.max_concurrent_trials or fit
+    max_concurrent = max(1, min(max_concurrent, fit, max(n_trials, 1)))
+    w = cfg.workers_per_trial
+    if w == 1:
+        trial = {"cpu": cfg.cpus_per_trial, **({"gpu": cfg.gpus_per_trial} if cfg.gpus_per_trial else {})}
+        return SweepPlan(trial, max_concurrent, 1, 0.0, 0.0)
+    # The trial function only drives Ray Train (and partitions / prunes, which are light): a fifth of
+    # the trial's CPUs, at most half a CPU; its workers share the rest, so trials never starve each other.
+    driver = round(min(0.5, 0.2 * cfg.cpus_per_trial), 4)
+    per_worker = round((cfg.cpus_per_trial - driver) / w, 4)
+    return SweepPlan({"cpu": driver}, max_concurrent, w, per_worker, round(cfg.gpus_per_trial / w, 4))

@@ -5,7 +5,8 @@
 - ``plots/mixture.png``: for a 1-D attribution (e.g. rule ``loss``), the histogram of the raw
   attribution values with the two fitted Gaussian components mapped back to raw units; skipped
   when the mixture was fitted on a multi-dimensional (or PCA-reduced) attribution;
-- ``plots/routes.png``: test accuracy and whole wall time per route.
+- ``plots/routes.png``: test accuracy and whole wall time per route;
+- a sweep's ``plots/objective.png``: each trial's objective against tau, prune fraction and learning rate.
 
 Every plot is rendered with a bare ``matplotlib.figure.Figure`` (no pyplot: no global figure
 registry that could grow, no backend switch in the caller's process) into memory and written
@@ -23,8 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from raypipe import storage
-from raypipe.report.report import REPAIR_OVERHEAD, ROUTE_ORDER, ROUTE_TITLES
+from raypipe import layout, storage
+from raypipe.config import ROUTE_TITLES, ROUTES
+from raypipe.layout import RunLayout
+from raypipe.stages.partition import read_partition
 from raypipe.tables import column_from_arrow
 
 DPI = 110
@@ -34,36 +37,42 @@ CORRUPTED_COLOR = "tab:red"
 ROUTE_COLORS = {"initial": "tab:gray", "l_ft": "tab:blue", "f_ft": "tab:green", "retrain": "tab:orange"}
 
 
-def write_plots(run_uri: str, report: dict[str, Any], log: Callable[[str], Any] = print) -> list[str]:
-    """Write every plot that applies under ``<run_uri>/plots``; return their names relative to run_uri."""
+def write_plots(run: RunLayout, report: dict[str, Any], log: Callable[[str], Any] = print) -> list[str]:
+    """Write every plot that applies under the run's plots folder; return their paths relative to the run."""
     written: list[str] = []
-    for name, make in (
-        ("plots/p_noisy.png", _p_noisy_figure),
-        ("plots/mixture.png", _mixture_figure),
-        ("plots/routes.png", _routes_figure),
-    ):
-        uri = storage.join(run_uri, name)
+    for name, make in (("p_noisy", _p_noisy_figure), ("mixture", _mixture_figure), ("routes", _routes_figure)):
+        uri = run.plot(name)
+        shown = uri[len(run.root) :].lstrip("/")  # plots/<name>.png
         try:
-            fig = make(run_uri, report)
-            if fig is None:  # does not apply to this run
-                _remove_stale(uri)
-                continue
-            _save(fig, uri)
-            written.append(name)
+            fig = make(run, report)
         except Exception as e:  # a plot is never worth failing a run for
-            message = str(e).splitlines()[0] if str(e) else ""
-            log(f"[plots] warning: {name} not written: {type(e).__name__}: {message}")
+            _warn(log, shown, e)
+            fig = None
+        if fig is not None and write_figure(fig, uri, log, shown):
+            written.append(shown)
+        else:  # does not apply to this run, or failed
             _remove_stale(uri)
     return written
 
 
-def _save(fig, uri: str) -> None:
+def write_figure(fig, uri: str, log: Callable[[str], Any] = print, shown: str | None = None) -> bool:
+    """Render `fig` to PNG in memory and write it to `uri`; a failure is logged in one line (naming the
+    plot as `shown`), never raised."""
     buf = io.BytesIO()
     try:
         fig.savefig(buf, format="png", dpi=DPI)
+        storage.write_bytes(uri, buf.getvalue())
+        return True
+    except Exception as e:  # a plot is never worth failing a run for
+        _warn(log, shown or uri, e)
+        return False
     finally:
         fig.clear()  # release artists at once; the Figure is not registered anywhere (no pyplot)
-    storage.write_bytes(uri, buf.getvalue())
+
+
+def _warn(log: Callable[[str], Any], shown: str, e: Exception) -> None:
+    message = str(e).splitlines()[0] if str(e) else ""
+    log(f"[plots] warning: {shown} not written: {type(e).__name__}: {message}")
 
 
 def _remove_stale(uri: str) -> None:
@@ -82,10 +91,8 @@ def _new_figure(width: float, height: float):
 # p_noisy
 
 
-def _p_noisy_figure(run_uri: str, report: dict[str, Any]):
-    from raypipe.stages.partition import read_partition
-
-    table = read_partition(storage.join(run_uri, "partition"), columns=["p_noisy"])
+def _p_noisy_figure(run: RunLayout, report: dict[str, Any]):
+    table = read_partition(run.stage("partition"), columns=["p_noisy"])
     p_noisy = column_from_arrow(table.column("p_noisy")).astype(np.float64)
     tau = float(report["partition"]["tau"])
     bins = np.linspace(0.0, 1.0, 51)
@@ -125,11 +132,11 @@ def _p_noisy_figure(run_uri: str, report: dict[str, Any]):
 # mixture (1-D attribution only)
 
 
-def _read_attribution_sample(run_uri: str, n_rows_hint: int | None, seed: int = 0):
+def _read_attribution_sample(run: RunLayout, n_rows_hint: int | None, seed: int = 0):
     """A uniform sample of at most MAX_MIXTURE_ROWS (attribution value, is_corrupted or None) rows."""
-    shards = storage.list_files(storage.join(run_uri, "attribution"), ".parquet")
+    shards = storage.list_files(run.stage("attribution"), ".parquet")
     if not shards:
-        raise FileNotFoundError(f"no attribution shards under {storage.join(run_uri, 'attribution')}")
+        raise FileNotFoundError(f"no attribution shards under {run.stage('attribution')}")
     keep = 1.0 if not n_rows_hint else min(1.0, 1.2 * MAX_MIXTURE_ROWS / n_rows_hint)
     rng = np.random.default_rng(seed)
     values, truth = [], []
@@ -152,12 +159,12 @@ def _read_attribution_sample(run_uri: str, n_rows_hint: int | None, seed: int = 
     return x, y
 
 
-def _mixture_figure(run_uri: str, report: dict[str, Any]):
-    mixture = json.loads(storage.read_bytes(storage.join(run_uri, "partition", "mixture.json")))
+def _mixture_figure(run: RunLayout, report: dict[str, Any]):
+    mixture = json.loads(storage.read_bytes(layout.mixture_file(run.stage("partition"))))
     if mixture.get("pca", True) or len(mixture["means"][0]) != 1:
         return None  # multi-dimensional attribution: no 1-D picture of the fit
     n_rows = report.get("data", {}).get("rows", {}).get("train")
-    x, corrupted = _read_attribution_sample(run_uri, n_rows)
+    x, corrupted = _read_attribution_sample(run, n_rows)
     finite = np.isfinite(x)
     x, corrupted = x[finite], (corrupted[finite] if corrupted is not None else None)
 
@@ -237,9 +244,9 @@ def _normal_pdf(x: np.ndarray, mean: float, sd: float) -> np.ndarray:
 # routes
 
 
-def _routes_figure(run_uri: str, report: dict[str, Any]):
+def _routes_figure(run: RunLayout, report: dict[str, Any]):
     routes = report.get("routes", {})
-    names = [r for r in ROUTE_ORDER if r in routes]
+    names = [r for r in ROUTES if r in routes]
     if not names:
         return None
     fig = _new_figure(10.5, 4.4)
@@ -258,10 +265,9 @@ def _routes_figure(run_uri: str, report: dict[str, Any]):
     ax_acc.grid(axis="y", alpha=0.3)
 
     total = np.array([_number(routes[r].get("seconds_total")) for r in names])
-    stages = report.get("stages_seconds", {})
-    overhead = sum(_number(stages.get(s)) for s in REPAIR_OVERHEAD if s in stages)
-    is_repair = np.array([r in ("l_ft", "f_ft") for r in names])
-    over = np.minimum(np.where(is_repair, overhead, 0.0), np.nan_to_num(total))  # part of the repair routes' total
+    overhead = np.nan_to_num(np.array([_number(routes[r].get("seconds_overhead", 0.0)) for r in names]))
+    is_repair = overhead > 0
+    over = np.minimum(overhead, np.nan_to_num(total))  # the shared stages' part of the repair routes' total
     own = np.nan_to_num(total) - over
     ax_sec.bar(xs, own, color=colors, width=0.6)
     if over.any():
@@ -297,3 +303,55 @@ def _number(value: Any) -> float:
         return float(value) if value is not None else float("nan")
     except (TypeError, ValueError):
         return float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# a sweep's objective
+
+
+RULE_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple")
+ROUTE_MARKERS = {"l_ft": "o", "f_ft": "s"}
+
+
+def objective_figure(rows: list[dict[str, Any]], objective: str, metric: str):
+    """Objective against tau, prune fraction and lr; color = rule, marker = route, hollow = stopped early."""
+    fig = _new_figure(12.0, 4.0)
+    axes = fig.subplots(1, 3, sharey=True)
+    rules = sorted({r["rule"] for r in rows})
+    shown = [r for r in rows if np.isfinite(r[metric])]
+    rng = np.random.default_rng(0)  # a little jitter, so trials at the same setting stay visible
+    for ax, key, title in zip(
+        axes, ("tau", "prune_fraction", "lr"), ("tau", "prune fraction", "learning rate"), strict=True
+    ):
+        values = np.array([r[key] for r in shown], dtype=float)
+        several = len(np.unique(values)) > 1
+        span = float(np.ptp(np.log10(values) if key == "lr" else values)) if several else 0.0
+        for r in shown:
+            color = RULE_COLORS[rules.index(r["rule"]) % len(RULE_COLORS)]
+            shift = 0.015 * span * rng.standard_normal()
+            x = r[key] * 10**shift if key == "lr" else r[key] + shift
+            hollow = r["status"] == "stopped_early"
+            ax.scatter(
+                x,
+                r[metric],
+                marker=ROUTE_MARKERS.get(r["route"], "o"),
+                facecolors="none" if hollow else color,
+                edgecolors=color,
+                s=40,
+            )
+        if key == "lr":
+            ax.set_xscale("log")
+        ax.set_xlabel(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"validation accuracy ({objective} labels)")
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], ls="", marker="o", color=RULE_COLORS[i % len(RULE_COLORS)], label=f"rule {rule}")
+        for i, rule in enumerate(rules)
+    ]
+    handles += [Line2D([], [], ls="", marker=m, color="gray", label=route) for route, m in ROUTE_MARKERS.items()]
+    handles += [Line2D([], [], ls="", marker="o", markerfacecolor="none", color="gray", label="stopped early")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9)
+    fig.suptitle(f"raypipe sweep: {len(rows)} trials, objective after each trial's last epoch")
+    return fig

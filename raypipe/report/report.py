@@ -2,8 +2,8 @@
 
 Times: ``seconds_per_epoch`` is the training loop's; ``seconds_total`` is the whole wall time of a
 route as a user pays it: for `initial` and `retrain` their training stage; for the repair routes
-`l_ft` / `f_ft` attribution + partition + pruning + their fine-tuning (METHOD.md flaw 7: the paper
-compared seconds per epoch only).
+`l_ft` / `f_ft` attribution + partition + pruning + their fine-tuning (the paper compared seconds
+per epoch only).
 """
 
 from __future__ import annotations
@@ -11,24 +11,24 @@ from __future__ import annotations
 from typing import Any
 
 from raypipe import storage
-from raypipe.config import Config
+from raypipe.config import ROUTE_TITLES, ROUTES, Config
+from raypipe.layout import RunLayout
+from raypipe.report.plots import write_plots
 
-ROUTE_ORDER = ("initial", "l_ft", "f_ft", "retrain")
+# The stages a repair route pays for besides its own training (the retrain baseline pays none of them).
 REPAIR_OVERHEAD = ("attribution", "partition", "prune")
-ROUTE_TITLES = {"initial": "Initial", "l_ft": "L-FT", "f_ft": "F-FT", "retrain": "Retrain"}
 
 
 def build_report(config: Config, manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
     stage_seconds = {name: m["seconds"] for name, m in manifests.items()}
     routes: dict[str, dict[str, Any]] = {}
-    for route in ROUTE_ORDER:
+    for route in ROUTES:
         if route not in manifests:
             continue
-        summary = dict(manifests[route]["summary"])
-        seconds = manifests[route]["seconds"]
-        if route in ("l_ft", "f_ft"):
-            seconds += sum(stage_seconds.get(s, 0.0) for s in REPAIR_OVERHEAD)
-        summary["seconds_total"] = seconds
+        summary = {k: v for k, v in manifests[route]["summary"].items() if k != "history"}
+        overhead = sum(stage_seconds.get(s, 0.0) for s in REPAIR_OVERHEAD) if route in ("l_ft", "f_ft") else 0.0
+        summary["seconds_overhead"] = overhead
+        summary["seconds_total"] = manifests[route]["seconds"] + overhead
         summary.setdefault("seconds_per_epoch", None)  # a given checkpoint has no epochs here
         routes[route] = summary
     part = manifests["partition"]["summary"]
@@ -55,7 +55,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     routes = report["routes"]
-    cols = [r for r in ROUTE_ORDER if r in routes]
+    cols = [r for r in ROUTES if r in routes]
     lines = ["# raypipe report", ""]
     data = report["data"]
     cfg = report["config"]
@@ -108,17 +108,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(run_uri: str, config: Config, manifests: dict[str, dict[str, Any]], log=print) -> dict[str, Any]:
+def write_report(run_layout: RunLayout, config: Config, manifests: dict[str, dict[str, Any]], log=print) -> dict:
     report = build_report(config, manifests)
-    try:
-        from raypipe.report.plots import write_plots
-
-        report["plots"] = write_plots(run_uri, report)
-    except ImportError:  # plots are optional until raypipe.report.plots exists
-        report["plots"] = []
-    storage.write_json(storage.join(run_uri, "report.json"), report)
-    storage.write_bytes(storage.join(run_uri, "report.md"), render_markdown(report).encode())
-    log(f"[report] {storage.join(run_uri, 'report.md')}")
+    report["plots"] = write_plots(run_layout, report, log)
+    storage.write_json(run_layout.report_json, report)
+    storage.write_bytes(run_layout.report_md, render_markdown(report).encode())
+    log(f"[report] {run_layout.report_md}")
     for route, m in report["routes"].items():
         log(f"  {ROUTE_TITLES[route]:8s} accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}")
     return report

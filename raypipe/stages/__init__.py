@@ -1,3 +1,36 @@
-"""The RLAP stages. Each is a function from input URI(s) + its config to output URI(s); the
-per-shard work functions here are pure and run wherever an executor sends them (this process, or
-Ray tasks / actors). Stages never hand live objects to each other, only files under the run."""
+"""The RLAP stages, one module each, named as the stage (data, train for every training stage,
+attribution, partition, prune). Each stage is a function from input URI(s) + its config to its
+output folder; stages hand over through files, never live objects. The per-shard work functions are
+pure and run wherever an `Executor` sends them: this process, or Ray tasks, actors and Train workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from raypipe.stages.train import TrainRequest
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Executor(Protocol):
+    """What a stage may ask of the place it runs (`raypipe.executors.LocalExecutor`, or the Ray executor)."""
+
+    name: str
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T], desc: str = "") -> list[R]:
+        """[fn(item) for item in items], in order; fn is pure and idempotent (it may run anywhere, twice)."""
+        ...
+
+    def attribute(self, model_uri: str, jobs: list[tuple[str, str]], rule: str, batch_size: int, device: str) -> int:
+        """Attribute every (data shard URI, output shard URI) job with the model at `model_uri` -> rows written."""
+        ...
+
+    def train(self, request: TrainRequest) -> dict[str, Any]:
+        """Run one training request to its end (resuming from its checkpoint) -> the stage summary."""
+        ...
+
+    def close(self) -> None: ...

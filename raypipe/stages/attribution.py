@@ -1,8 +1,8 @@
 """Stage `attribution`: per-sample probe activations and attribution vectors, shard by shard.
 
-``<run>/attribution/part-NNNNN.parquet`` holds one row per sample of data shard NNNNN: sample_id,
-label, pred_label, pred_prob, given_prob, loss, probe [d], attribution [m] (and the ground truth
-columns when the data has them, for scoring only). A shard file is published atomically, so a
+Each output shard has the name of its data shard and one row per sample of it: sample_id, label,
+pred_label, pred_prob, given_prob, loss, probe [d], attribution [m] (and the ground truth columns
+when the data has them, for scoring only). A shard file is published atomically, so a
 rerun after a crash skips every shard already written and computes only the rest.
 """
 
@@ -14,9 +14,10 @@ import pyarrow.parquet as pq
 
 from raypipe import storage
 from raypipe.core.attribution import attribute_batch
+from raypipe.core.models import ProbedModel
 from raypipe.data import batch_from_table
-from raypipe.core.models import ProbedModel, load_model
 from raypipe.tables import table_from_columns
+from raypipe.training.checkpoint import load_model
 from raypipe.training.loop import resolve_device
 
 
@@ -50,7 +51,7 @@ def pending_shards(data_shards: list[str], out_uri: str) -> list[tuple[str, str]
     """(input shard, output shard) pairs whose output does not exist yet."""
     jobs = []
     for in_uri in data_shards:
-        target = storage.join(out_uri, in_uri.rsplit("/", 1)[-1])
+        target = storage.join(out_uri, in_uri.rsplit("/", 1)[-1])  # the data shard's own name
         if not storage.exists(target):
             jobs.append((in_uri, target))
     return jobs

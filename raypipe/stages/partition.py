@@ -1,12 +1,12 @@
 """Stage `partition`: p_noisy for every training sample, the clean / noisy split, label issues.
 
-1. signals, per shard in parallel -> ``<run>/partition/signals/part-NNNNN.parquet``: the attribution
+1. signals, per shard in parallel -> ``signals/part-NNNNN.parquet``: the attribution
    mixture's p_noisy (standardize (+PCA) -> 2-component mixture fitted on a uniform sample of at
    most partition.max_fit_rows rows, drawn shard by shard), the loss, and the kNN label agreement
    against a reference index (at most detection.max_reference rows) shipped to every worker;
 2. decision, on the driver, from a few scalars per sample: the signal(s) detection.signal names,
-   combined without ground truth for `auto`, then a per-class decision (raypipe.detection);
-3. ``<run>/partition/part-NNNNN.parquet`` (sample_id, label, pred_label, suggested_label, p_noisy,
+   combined without ground truth for `auto`, then a per-class decision (raypipe.core.detection);
+3. ``part-NNNNN.parquet`` (sample_id, label, pred_label, suggested_label, p_noisy,
    is_clean), aligned with the attribution shards, and ``label_issues.parquet``: the flagged
    samples, most suspect first, with a suggested label (the neighbours' majority when kNN ran,
    else the model's prediction) and the signal that flagged them, for a user to act on.
@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from raypipe import storage
+from raypipe import layout, storage
 from raypipe.config import DetectionConfig, PartitionConfig
 from raypipe.core.detection import KnnIndex, class_conditional_flags, combine_signals
-from raypipe.core.mixture import MixtureFit, check_clean_side, detection_metrics, fit_mixture, split
+from raypipe.core.metrics import detection_metrics
+from raypipe.core.mixture import MixtureFit, check_clean_side, fit_mixture, split
 from raypipe.errors import RaypipeError
 from raypipe.tables import columns_from_table, table_from_columns
 
@@ -119,6 +120,35 @@ def fit(attribution_shards: list[str], n_rows: int, cfg: PartitionConfig, seed: 
     return fit_mixture(attribution, loss, cfg, seed)
 
 
+def write_split(out_uri, names, lengths, cols, p_noisy, is_clean, signal: str) -> None:
+    """Partition shards (one per attribution shard, `lengths` rows each) and label_issues.parquet (the
+    flagged samples, most suspect first, with a suggested label: the neighbours' majority when kNN ran,
+    else the model's prediction)."""
+    suggested = cols.get("knn_suggested", cols["pred_label"])
+    out = {
+        "sample_id": cols["sample_id"],
+        "label": cols["label"],
+        "pred_label": cols["pred_label"],
+        "suggested_label": suggested,
+        "p_noisy": p_noisy,
+        "is_clean": is_clean,
+        **{k: cols[k] for k in ("true_label", "is_corrupted") if k in cols},
+    }
+    offsets = np.cumsum([0, *lengths])
+    for name, a, b in zip(names, offsets[:-1], offsets[1:], strict=True):
+        storage.write_table(storage.join(out_uri, name), table_from_columns({k: v[a:b] for k, v in out.items()}))
+    flagged = np.flatnonzero(~is_clean)
+    order = flagged[np.argsort(-p_noisy[flagged], kind="stable")]
+    issues = {
+        "sample_id": cols["sample_id"][order],
+        "given_label": cols["label"][order],
+        "suggested_label": suggested[order],
+        "p_noisy": p_noisy[order],
+        "flagged_by": np.full(len(order), signal),
+    }
+    storage.write_table(layout.label_issues_file(out_uri), table_from_columns(issues))
+
+
 def run(
     attribution_uri: str,
     out_uri: str,
@@ -136,7 +166,7 @@ def run(
     mixture = fit(shards, n_rows, cfg, seed, executor)
     index = build_knn_index(shards, n_rows, det, num_classes, seed, executor) if det.signal in ("knn", "auto") else None
     names = [uri.rsplit("/", 1)[-1] for uri in shards]
-    jobs = [(uri, storage.join(out_uri, "signals", name)) for uri, name in zip(shards, names, strict=True)]
+    jobs = [(uri, storage.join(layout.signals_dir(out_uri), name)) for uri, name in zip(shards, names, strict=True)]
     executor.map(lambda job: signal_shard(job[0], job[1], mixture, index, det), jobs, "signals")
 
     # 2. The decision, on the driver: it reads back a few scalars per sample, never the vectors.
@@ -152,31 +182,8 @@ def run(
     check_clean_side(is_clean, cfg)
 
     # 3. Partition shards aligned with the attribution shards (the prune stage joins them shard by shard).
-    suggested = cols.get("knn_suggested", cols["pred_label"])
-    out = {
-        "sample_id": cols["sample_id"],
-        "label": cols["label"],
-        "pred_label": cols["pred_label"],
-        "suggested_label": suggested,
-        "p_noisy": p_noisy,
-        "is_clean": is_clean,
-        **{k: cols[k] for k in ("true_label", "is_corrupted") if k in cols},
-    }
-    offsets = np.cumsum([0, *lengths])
-    for name, a, b in zip(names, offsets[:-1], offsets[1:], strict=True):
-        storage.write_table(storage.join(out_uri, name), table_from_columns({k: v[a:b] for k, v in out.items()}))
-
-    flagged = np.flatnonzero(~is_clean)
-    order = flagged[np.argsort(-p_noisy[flagged], kind="stable")]
-    issues = {
-        "sample_id": cols["sample_id"][order],
-        "given_label": cols["label"][order],
-        "suggested_label": suggested[order],
-        "p_noisy": p_noisy[order],
-        "flagged_by": np.full(len(order), signals_used["signal"]),
-    }
-    storage.write_table(storage.join(out_uri, "label_issues.parquet"), table_from_columns(issues))
-    storage.write_json(storage.join(out_uri, "mixture.json"), mixture.describe())
+    write_split(out_uri, names, lengths, cols, p_noisy, is_clean, signals_used["signal"])
+    storage.write_json(layout.mixture_file(out_uri), mixture.describe())
     summary: dict[str, Any] = {
         "n_clean": int(is_clean.sum()),
         "n_noisy": int((~is_clean).sum()),
@@ -210,7 +217,7 @@ def read_partition(partition_uri: str, columns: list[str] | None = None):
     cols = columns or ["sample_id", "label", "pred_label", "suggested_label", "p_noisy", "is_clean"]
     tables = []
     for uri in storage.list_files(partition_uri, ".parquet"):
-        if uri.endswith("label_issues.parquet"):
+        if uri == layout.label_issues_file(partition_uri):
             continue
         t = storage.read_table(uri)
         tables.append(t.select([c for c in [*cols, "is_corrupted", "true_label"] if c in t.column_names]))

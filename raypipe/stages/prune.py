@@ -2,7 +2,7 @@
 pruning of the top prune.fraction probe neurons by |beta|.
 
 Each shard's statistics (X^T X etc., O(d^2)) are computed where the shard is read; only those small
-sums reach the driver, which merges and solves. Output: ``<run>/prune/model.pt`` and
+sums reach the driver, which merges and solves. Output: ``model.pt`` and
 ``neurons.json`` (beta, the pruned neurons in rank order).
 """
 
@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from raypipe import storage
+from raypipe import layout, storage
 from raypipe.config import PruneConfig
-from raypipe.core.models import load_model, save_model
 from raypipe.core.pruning import prune_neurons, pruned_mask
 from raypipe.core.sensitivity import SufficientStats, rank_neurons
 from raypipe.tables import columns_from_table
+from raypipe.training.checkpoint import load_model, save_model
 
 
 def shard_stats(attribution_uri: str, partition_uri: str, target: str) -> dict[str, np.ndarray]:
@@ -32,7 +32,7 @@ def shard_stats(attribution_uri: str, partition_uri: str, target: str) -> dict[s
 def run(
     model_uri: str, attribution_uri: str, partition_uri: str, out_uri: str, cfg: PruneConfig, executor, log=print
 ) -> dict[str, Any]:
-    model, signature, extra = load_model(model_uri)
+    model, signature, _ = load_model(model_uri)
     shards = storage.list_files(attribution_uri, ".parquet")
     jobs = [(uri, storage.join(partition_uri, uri.rsplit("/", 1)[-1])) for uri in shards]
     parts = executor.map(lambda job: shard_stats(job[0], job[1], cfg.target), jobs, "sensitivity")
@@ -43,9 +43,9 @@ def run(
     n_prune = int(round(cfg.fraction * model.probe_width))
     neurons = rank_neurons(beta, n_prune, pruned_mask(model))
     prune_neurons(model, neurons)
-    save_model(storage.join(out_uri, "model.pt"), model, signature, extra)
+    save_model(layout.model_file(out_uri), model, signature, {"pruned_neurons": neurons.tolist()})
     storage.write_json(
-        storage.join(out_uri, "neurons.json"),
+        layout.neurons_file(out_uri),
         {"pruned": neurons.tolist(), "beta": beta.tolist(), "intercept": intercept, "target": cfg.target},
     )
     log(f"[prune] {len(neurons)} of {model.probe_width} probe neurons pruned (regression on {cfg.target}, n={stats.n})")

@@ -1,27 +1,44 @@
-"""Stages `initial`, `retrain`, `l_ft`, `f_ft`: one training request, run by an executor.
+"""Stages `initial`, `retrain`, `l_ft`, `f_ft`: one training request, the same body wherever it runs.
 
-A request names everything by URI (data, partition, starting checkpoint, output), so the same
-request runs in this process (`train_local`) or on Ray Train workers. Output under
-``<run>/<route>/``: ``model.pt`` and the metrics on the clean test split.
+A `TrainRequest` names everything by URI (data, partition, starting checkpoint, output), so the same
+request runs in this process (`train_local`), on Ray Train workers or inside a Tune trial, and
+`train_route` is the body all of them run: build or load the model, resume from the stage's
+``checkpoint.pt``, run the one training loop with the callbacks the request asks for, publish
+``model.pt`` (and the training trajectory of the initial model). Output layout: `raypipe.layout`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
 
-from raypipe import storage
+from raypipe import layout, storage
 from raypipe.config import ModelConfig, TrainConfig
-from raypipe.core.detection import TrajectoryRecorder
-from raypipe.core.models import build_model, load_model, save_model
-from raypipe.data import SampleSet
-from raypipe.stages.data import read_split
-from raypipe.stages.partition import read_partition
+from raypipe.core.models import build_model, model_signature
+from raypipe.data import SampleSet, samples_from_table
+from raypipe.stages.data import read_split, train_sample_ids
 from raypipe.tables import columns_from_table, table_from_columns
-from raypipe.training.loop import FRESH_ROUTES, evaluate, fit, predict_logits, resolve_device
+from raypipe.training.callbacks import Gather, Log, RecordTrajectory, Report, Validate
+from raypipe.training.checkpoint import SaveCheckpoint, load_model, restore, save_model
+from raypipe.training.loop import (
+    Callback,
+    EpochData,
+    InMemory,
+    LoopState,
+    evaluate,
+    fit,
+    prepare,
+    resolve_device,
+)
+
+FRESH_ROUTES = ("initial", "retrain")  # start from a new model; the others from the pruned one
 
 
 @dataclass(frozen=True)
@@ -38,35 +55,43 @@ class TrainRequest:
     init_model_uri: str | None = None
     device: str = "auto"
     # Record per-sample margins for the first `trajectory_epochs` epochs (and the loss at the end of
-    # `early_loss_epoch`) for raypipe.detection: an eval pass over the training set after each.
+    # `early_loss_epoch`) for detection: an eval pass over the training set after each.
     trajectory_epochs: int = 0
     early_loss_epoch: int = 0
+    # A labelled set (raypipe's sample-table Parquet) scored after every epoch (a sweep trial's objective).
+    val_uri: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainRequest:
+        return cls(**{**d, "train": TrainConfig(**d["train"]), "model": ModelConfig(**d["model"])})
+
 
 def clean_ids(partition_uri: str) -> np.ndarray:
     """Sorted sample ids of the clean part."""
+    from raypipe.stages.partition import read_partition
+
     cols = columns_from_table(read_partition(partition_uri, ["sample_id", "is_clean"]))
     return np.sort(cols["sample_id"][cols["is_clean"].astype(bool)])
+
+
+def keep_ids(table: pa.Table, ids: np.ndarray) -> pa.Table:
+    """The rows of `table` whose sample_id is in `ids`."""
+    return table.filter(pc.is_in(table["sample_id"], value_set=pa.array(ids)))
 
 
 def training_samples(request: TrainRequest) -> SampleSet:
     train = read_split(request.data_uri, "train")
     if request.route == "initial":
         return train
-    keep = np.isin(train.sample_id, clean_ids(request.partition_uri))
-    return train.subset(keep)
+    return train.subset(np.isin(train.sample_id, clean_ids(request.partition_uri)))
 
 
 def starting_model(request: TrainRequest, sample_shape, num_classes):
-    """-> (model, signature): fresh for initial / retrain, else the checkpoint to repair."""
-    from raypipe.core.models import model_signature
-
+    """-> (model, signature): fresh for initial / retrain (seeded), else the checkpoint to repair."""
     if request.route in FRESH_ROUTES:
-        import torch
-
         torch.manual_seed(request.seed)
         model = build_model(request.model, sample_shape, num_classes)
         return model, model_signature(request.model, sample_shape, num_classes)
@@ -74,53 +99,91 @@ def starting_model(request: TrainRequest, sample_shape, num_classes):
     return model, signature
 
 
-def make_recorder(request: TrainRequest, sample_ids: np.ndarray) -> TrajectoryRecorder | None:
-    if request.trajectory_epochs <= 0:
-        return None
-    return TrajectoryRecorder(sample_ids=sample_ids, keep_loss_epochs=[request.early_loss_epoch])
-
-
-def write_trajectory(out_uri: str, recorder: TrajectoryRecorder, early_loss_epoch: int, part: int = 0) -> None:
-    """``<route>/trajectory/rank-NNN.parquet``: sample_id, aum, early_loss (NaN if that epoch was not run)."""
+def write_trajectory(out_uri: str, recorder, early_loss_epoch: int) -> None:
+    """``trajectory/part-00000.parquet``: sample_id, aum, early_loss (NaN if that epoch was not run)."""
     early = (
         recorder.early_loss(early_loss_epoch)
         if early_loss_epoch in recorder.losses
         else np.full(recorder.num_samples, np.nan, dtype=np.float32)
     )
     columns = {"sample_id": recorder.sample_ids, "aum": recorder.aum(), "early_loss": early}
-    storage.write_table(storage.join(out_uri, "trajectory", f"rank-{part:03d}.parquet"), table_from_columns(columns))
+    storage.write_table(layout.trajectory_file(out_uri), table_from_columns(columns))
 
 
-def train_local(request: TrainRequest, log=print) -> dict[str, Any]:
+@dataclass
+class Worker:
+    """Where one copy of the loop runs: its device, its rank among `world` data-parallel copies, how
+    to wrap the model for them (DDP), how to gather an object from every rank, where metrics go."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    gather: Gather | None = None
+    report: Callable[[dict[str, Any]], None] | None = None
+    log: Callable[[str], None] = field(default=print)
+
+
+def train_route(request: TrainRequest, data: EpochData, sample_shape, num_classes: int, worker: Worker) -> LoopState:
+    """The body of every training stage: model, resume, the loop with its callbacks, model.pt."""
+    model, signature = starting_model(request, tuple(sample_shape), num_classes)
+    trainee, optimizer, data = prepare(model, request.route, request.train, data, worker.device)
+    callbacks: list[Callback] = []
+    if request.trajectory_epochs > 0:
+        ids = train_sample_ids(request.data_uri)
+        trajectory = RecordTrajectory(
+            model, data, ids, request.trajectory_epochs, request.early_loss_epoch, worker.device,
+            worker.gather, keeps_restored=worker.rank == 0,
+        )  # fmt: skip
+        callbacks.append(trajectory)
+    if request.val_uri is not None:
+        val = samples_from_table(storage.read_table(request.val_uri))
+        callbacks.append(Validate(model, val.x, val.label, worker.device))
+    checkpoint = layout.checkpoint_file(request.out_uri)
+    state = restore(checkpoint, model, signature, optimizer, callbacks)
+    callbacks.append(SaveCheckpoint(checkpoint, model, signature, optimizer, list(callbacks), worker.rank == 0))
+    if worker.report is not None:
+        callbacks.append(Report(worker.report))
+    if worker.rank == 0:
+        callbacks.append(Log(request.route, request.train.epochs, worker.log))
+    trainee = worker.wrap(trainee) if worker.wrap is not None else trainee
+    state = fit(trainee, optimizer, data, request.train.epochs, request.route, worker.device, state, callbacks)
+    if worker.rank == 0:
+        done = {"history": state.history, "epochs": state.epoch, "seconds_train": state.seconds_train}
+        save_model(layout.model_file(request.out_uri), model, signature, done)
+        recorded = trajectory.result() if request.trajectory_epochs > 0 else None
+        if recorded is not None:
+            write_trajectory(request.out_uri, recorded, request.early_loss_epoch)
+        storage.remove_tree(checkpoint)  # model.pt is published: the resume point is no longer needed
+    return state
+
+
+def route_summary(request: TrainRequest, n_train: int, started: float, **extra) -> dict[str, Any]:
+    """What a training stage reports: the published model on the clean test split, its epochs and times
+    (from ``model.pt``, which carries its training history wherever it was trained)."""
+    model, _, done = load_model(layout.model_file(request.out_uri))
+    device = resolve_device(request.device)
+    test = read_split(request.data_uri, "test")
+    history = done["history"]
+    return {
+        **evaluate(model.to(device), test.x, test.label, device),
+        "seconds_per_epoch": done["seconds_train"] / max(done["epochs"], 1),
+        "seconds_train": done["seconds_train"],
+        "seconds_total": time.perf_counter() - started,
+        "epochs": done["epochs"],
+        "n_train": int(n_train),
+        "train_accuracy_given_labels": float(history[-1]["train_accuracy"]) if history else float("nan"),
+        "history": history,
+        **extra,
+    }
+
+
+def train_local(request: TrainRequest, log=print, report: Callable[[dict[str, Any]], None] | None = None):
+    """Run `request` in this process -> the stage summary."""
+    started = time.perf_counter()
     device = resolve_device(request.device)
     train = training_samples(request)
-    test = read_split(request.data_uri, "test")
-    model, signature = starting_model(request, train.sample_shape, train.num_classes)
-    n_epochs = request.train.epochs
-    recorder = make_recorder(request, train.sample_id)
-
-    def on_epoch(epoch: int, _model, metrics: dict[str, float]) -> None:
-        if recorder is not None and epoch <= request.trajectory_epochs:
-            logits = predict_logits(model, train.x, 1024, device)  # [N, C], end-of-epoch eval pass
-            recorder.update(train.sample_id, logits, train.label, epoch)
-        if epoch == n_epochs or epoch % max(1, n_epochs // 5) == 0:
-            log(
-                f"[{request.route}] epoch {epoch}/{n_epochs} loss {metrics['train_loss']:.4f} "
-                f"train acc {metrics['train_accuracy']:.3f} ({metrics['seconds']:.2f} s)"
-            )
-
-    start = time.perf_counter()
-    result = fit(model, train.x, train.label, request.train, request.route, device, request.seed, on_epoch)
-    metrics = evaluate(model, test.x, test.label, device)
-    save_model(storage.join(request.out_uri, "model.pt"), model, signature)
-    if recorder is not None:
-        write_trajectory(request.out_uri, recorder, request.early_loss_epoch)
-    return {
-        **metrics,
-        "seconds_per_epoch": result.seconds_per_epoch,
-        "seconds_train": result.seconds_total,
-        "seconds_total": time.perf_counter() - start,
-        "epochs": result.epochs,
-        "n_train": len(train),
-        "train_accuracy_given_labels": result.history[-1]["train_accuracy"] if result.history else float("nan"),
-    }
+    data = InMemory.from_arrays(train.x, train.label, train.sample_id, request.train.batch_size, request.seed)
+    worker = Worker(device, report=report, log=log)
+    train_route(request, data, train.sample_shape, train.num_classes, worker)
+    return route_summary(request, len(train), started)

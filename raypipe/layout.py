@@ -1,0 +1,190 @@
+"""Every path under a run and under a sweep, in one place.
+
+A run directory (a local path, ``s3://`` or ``gs://``) holds one folder per stage, each finished by
+its ``_manifest.json``, plus the run's own files::
+
+    <run>/config.yaml                      the resolved config of the last invocation
+    <run>/report.json, report.md, plots/   the report and its pictures
+    <run>/data/train/part-NNNNN.parquet    training shards (the unit of parallel, resumable work)
+    <run>/data/val.parquet, test.parquet
+    <run>/initial/model.pt                 the model to repair (+ trajectory/ when raypipe trained it)
+    <run>/attribution/part-NNNNN.parquet   one row per training sample, aligned with the data shards
+    <run>/partition/part-NNNNN.parquet     p_noisy, is_clean, suggested label, aligned likewise
+    <run>/partition/signals/, label_issues.parquet, mixture.json
+    <run>/prune/model.pt, neurons.json
+    <run>/<route>/model.pt                 l_ft, f_ft, retrain (checkpoint.pt while training)
+
+A sweep directory holds the stages every trial shares once (``base/``), one attribution per rule,
+and a run directory per trial whose upstream stages are those shared folders (see `SweepLayout`).
+
+Stage bodies get their folders from here (`RunLayout.stage`) and name the files inside them with
+the functions below, so the pipeline, the sweep, the report, the plots, tests and benchmarks all
+find a file the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from raypipe.storage import join
+
+MANIFEST = "_manifest.json"
+PENDING = "_pending.json"
+
+
+def shard_name(index: int) -> str:
+    """The file name of shard `index` (training data, attribution and partition shards share it)."""
+    return f"part-{index:05d}.parquet"
+
+
+# ---------------------------------------------------------------------------------------------
+# Files inside a stage folder (each function takes the stage's folder URI).
+
+
+def train_dir(data_uri: str) -> str:
+    return join(data_uri, "train")
+
+
+def split_file(data_uri: str, split: str) -> str:
+    """`val` or `test` split of the data stage."""
+    return join(data_uri, f"{split}.parquet")
+
+
+def model_file(stage_uri: str) -> str:
+    return join(stage_uri, "model.pt")
+
+
+def checkpoint_file(stage_uri: str) -> str:
+    """The resumable training checkpoint of a training stage (model, optimizer, epoch, history, callbacks)."""
+    return join(stage_uri, "checkpoint.pt")
+
+
+def trajectory_dir(stage_uri: str) -> str:
+    return join(stage_uri, "trajectory")
+
+
+def trajectory_file(stage_uri: str) -> str:
+    return join(trajectory_dir(stage_uri), "part-00000.parquet")
+
+
+def ray_train_dir(stage_uri: str) -> str:
+    """Ray Train's own storage for one training stage (its run state; our checkpoints live beside it)."""
+    return join(stage_uri, "ray_train")
+
+
+def signals_dir(partition_uri: str) -> str:
+    return join(partition_uri, "signals")
+
+
+def label_issues_file(partition_uri: str) -> str:
+    return join(partition_uri, "label_issues.parquet")
+
+
+def mixture_file(partition_uri: str) -> str:
+    return join(partition_uri, "mixture.json")
+
+
+def neurons_file(prune_uri: str) -> str:
+    return join(prune_uri, "neurons.json")
+
+
+def validation_file(uri: str) -> str:
+    """The validation set a sweep scores its trials on, written once in raypipe's sample-table format."""
+    return join(uri, "validation.parquet")
+
+
+# ---------------------------------------------------------------------------------------------
+# A run, and a sweep.
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The folders of one run. `shared` maps a stage name to a folder outside `root` that holds it
+    (a sweep trial reads the sweep's shared data, initial model and attribution from there)."""
+
+    root: str
+    shared: dict[str, str] = field(default_factory=dict)
+
+    def stage(self, name: str) -> str:
+        return self.shared.get(name) or join(self.root, name)
+
+    def model(self, stage: str) -> str:
+        return model_file(self.stage(stage))
+
+    @property
+    def config_file(self) -> str:
+        return join(self.root, "config.yaml")
+
+    @property
+    def report_json(self) -> str:
+        return join(self.root, "report.json")
+
+    @property
+    def report_md(self) -> str:
+        return join(self.root, "report.md")
+
+    @property
+    def plots_dir(self) -> str:
+        return join(self.root, "plots")
+
+    def plot(self, name: str) -> str:
+        """`name` without extension -> <run>/plots/<name>.png"""
+        return join(self.plots_dir, f"{name}.png")
+
+
+@dataclass(frozen=True)
+class SweepLayout:
+    """``<sweep>/base/{data,initial}`` once; ``base/<rule>/attribution`` once per rule; ``trials/<id>/``
+    a run directory per trial; ``tune/`` Ray Tune's experiment; ``best/`` the chosen trial's outputs."""
+
+    root: str
+
+    @property
+    def base(self) -> RunLayout:
+        return RunLayout(join(self.root, "base"))
+
+    def rule(self, rule: str) -> RunLayout:
+        """Where the attribution of `rule` lives (data and initial model shared from the base)."""
+        base = self.base
+        return RunLayout(join(base.root, rule), {"data": base.stage("data"), "initial": base.stage("initial")})
+
+    def trial(self, trial_id: str, rule: str) -> RunLayout:
+        """A trial's own run directory; its data, initial model and attribution are the sweep's shared ones."""
+        upstream = self.rule(rule)
+        shared = {**upstream.shared, "attribution": upstream.stage("attribution")}
+        return RunLayout(self.trial_dir(trial_id), shared)
+
+    def trial_dir(self, trial_id: str) -> str:
+        return join(self.root, "trials", trial_id)
+
+    def trial_file(self, trial_id: str, name: str) -> str:
+        """A trial's own records: spec.json (its hyperparameters), events.jsonl (one line per start of
+        its body), infeasible.json (why its settings cannot work), result.json (what it ended with)."""
+        return join(self.trial_dir(trial_id), name)
+
+    @property
+    def config_file(self) -> str:
+        return join(self.root, "config.yaml")
+
+    @property
+    def settings_file(self) -> str:
+        return join(self.root, "sweep_settings.json")
+
+    @property
+    def validation(self) -> str:
+        return validation_file(self.base.root)
+
+    @property
+    def tune(self) -> str:
+        return join(self.root, "tune")
+
+    @property
+    def best(self) -> str:
+        return join(self.root, "best")
+
+    def trials_table(self, suffix: str) -> str:
+        """trials.csv / trials.parquet"""
+        return join(self.root, f"trials.{suffix}")
+
+    def plot(self, name: str) -> str:
+        return join(self.root, "plots", f"{name}.png")

@@ -1,0 +1,125 @@
+"""What differs between the callers of the one training loop, as callbacks (`raypipe.training.loop.Callback`):
+scoring a validation set each epoch, recording the training trajectory, progress lines. (Saving the
+resumable checkpoint is `raypipe.training.checkpoint.SaveCheckpoint`; reporting to Ray Train or Tune
+lives with those wrappers in `raypipe.distributed`.)"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from raypipe.core.detection.trajectory import TrajectoryRecorder
+from raypipe.training.loop import Callback, EpochData, LoopState, evaluate, predict_logits, unwrap
+
+# A callable that returns every data-parallel rank's object, in rank order (the identity's [obj] in one process).
+Gather = Callable[[Any], list[Any]]
+
+
+class Validate(Callback):
+    """Scores a labelled set after every epoch: adds `val_accuracy` and `val_macro_f1` to the metrics."""
+
+    name = "validate"
+
+    def __init__(self, model: torch.nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device):
+        self.model, self.x, self.y, self.device = model, x, y, device
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, Any], state: LoopState) -> None:
+        scores = evaluate(unwrap(self.model), self.x, self.y, self.device)
+        metrics.update(val_accuracy=scores["accuracy"], val_macro_f1=scores["macro_f1"])
+
+
+class Log(Callback):
+    """Progress lines: about five per route, and the last epoch."""
+
+    name = "log"
+
+    def __init__(self, route: str, epochs: int, log: Callable[[str], None]):
+        self.route, self.epochs, self.log = route, epochs, log
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, Any], state: LoopState) -> None:
+        if epoch == self.epochs or epoch % max(1, self.epochs // 5) == 0:
+            val = f", val acc {metrics['val_accuracy']:.3f}" if "val_accuracy" in metrics else ""
+            self.log(
+                f"[{self.route}] epoch {epoch}/{self.epochs} loss {metrics['train_loss']:.4f} "
+                f"train acc {metrics['train_accuracy']:.3f}{val} ({metrics['seconds']:.2f} s)"
+            )
+
+
+class RecordTrajectory(Callback):
+    """Per-sample margin and loss of the first `epochs` epochs, from an eval pass over the samples this
+    rank holds at the end of each (detection signals: AUM and the loss at `early_loss_epoch`).
+
+    Each rank records what it holds; `gather` collects every rank's recorder, and their merge is what
+    the checkpoint keeps. Restored from a checkpoint, the merged state goes to the writer rank only
+    (`keeps_restored`), so the next merge counts it once.
+    """
+
+    name = "trajectory"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        data: EpochData,
+        sample_ids: np.ndarray,
+        epochs: int,
+        early_loss_epoch: int,
+        device: torch.device,
+        gather: Gather | None = None,
+        keeps_restored: bool = True,
+    ):
+        self.model, self.data, self.epochs, self.device = model, data, epochs, device
+        self.sample_ids, self.early_loss_epoch = np.asarray(sample_ids, dtype=np.int64), early_loss_epoch
+        self.gather, self.keeps_restored = gather, keeps_restored
+        self.recorder = self._new()
+        self.merged: TrajectoryRecorder | None = None
+
+    def _new(self) -> TrajectoryRecorder:
+        return TrajectoryRecorder(sample_ids=self.sample_ids, keep_loss_epochs=[self.early_loss_epoch])
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, Any], state: LoopState) -> None:
+        if epoch > self.epochs:
+            return
+        held = self.data.held()
+        if held is not None:
+            ids, x, y = held
+            logits = predict_logits(unwrap(self.model), x, 1024, self.device)  # [n, C], end-of-epoch eval pass
+            self.recorder.update(ids, logits, np.asarray(y), epoch)
+        self.merged = self._merge()
+
+    def _merge(self) -> TrajectoryRecorder:
+        if self.gather is None:
+            return self.recorder
+        merged = self._new()
+        for state in self.gather(self.recorder.state_dict()):
+            part = self._new()
+            part.load_state_dict(state)
+            merged.merge(part)
+        return merged
+
+    def state_dict(self) -> dict[str, Any]:
+        return (self.merged or self.recorder).state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.keeps_restored:
+            self.recorder.load_state_dict(state)
+
+    def result(self) -> TrajectoryRecorder | None:
+        """Every rank's recording merged (None when nothing was recorded)."""
+        recorder = self.merged or self.recorder
+        return recorder if int(recorder.count.sum()) > 0 else None
+
+
+class Report(Callback):
+    """Hands every epoch's metrics to a sink (Ray Train's or Tune's report, a relay to a Tune trial).
+    Keep it after `SaveCheckpoint`: what is reported then always has its checkpoint on disk."""
+
+    name = "report"
+
+    def __init__(self, sink: Callable[[dict[str, Any]], None]):
+        self.sink = sink
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, Any], state: LoopState) -> None:
+        self.sink(dict(metrics))
