@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from raypipe import pipeline
 from raypipe.config import Config
-from raypipe.executors import make_executor
+from raypipe.executors import LocalExecutor
 from raypipe.report.report import write_report
+from raypipe.stages import Executor
+
+
+def make_executor(config: Config, log: Callable[[str], None] = print) -> Executor:
+    """Where the stages run: ``run.executor=local`` in this process, ``ray`` on the Ray cluster."""
+    if config.run.executor == "ray":
+        from raypipe.distributed.ray_executor import RayExecutor  # imports Ray: only when asked for
+
+        return RayExecutor(config, log)
+    return LocalExecutor(log)
 
 
 def run(config: Config, out: str, from_stage: str | None = None, log=print) -> dict[str, Any]:
@@ -29,4 +40,8 @@ def run_sweep(config, out: str, log=print) -> dict[str, Any]:
     `raypipe.load_sweep_config`) under `out`; returns the trials' rows, the best trial and its report."""
     from raypipe.distributed import tune  # imports Ray
 
-    return tune.run_sweep(config, out, log)
+    executor = make_executor(config, log)  # for the shared stages, before any trial
+    try:
+        return tune.run_sweep(config, out, executor, log)
+    finally:
+        executor.close()

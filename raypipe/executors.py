@@ -1,6 +1,6 @@
 """Where stage work runs (`raypipe.stages.Executor`): `LocalExecutor` runs it in this process; the Ray
 executor (`raypipe.distributed.ray_executor`) runs the same functions on Ray Data actor pools, Ray
-tasks and Ray Train. `make_executor` picks one from ``run.executor``."""
+tasks and Ray Train. `raypipe.api.make_executor` picks one from ``run.executor``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from raypipe.config import Config
-from raypipe.stages import Executor
 from raypipe.stages.attribution import ShardAttributor
 from raypipe.stages.train import TrainRequest, train_local
 
@@ -46,11 +44,3 @@ class LocalExecutor:
 
     def close(self) -> None:
         pass
-
-
-def make_executor(config: Config, log: Callable[[str], None] = print) -> Executor:
-    if config.run.executor == "ray":
-        from raypipe.distributed.ray_executor import RayExecutor  # imports Ray: only when asked for
-
-        return RayExecutor(config, log)
-    return LocalExecutor(log)

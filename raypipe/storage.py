@@ -28,10 +28,6 @@ from raypipe.errors import CheckpointError, RaypipeError
 MANIFEST = "_manifest.json"
 
 
-def is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
-
-
 def absolute(uri: str) -> str:
     """A local path made absolute (Ray workers run in other working directories); URIs unchanged."""
     return uri if "://" in uri else os.path.abspath(uri)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from raypipe.config import ModelConfig
-from raypipe.core.attribution import RULES, attribute_batch, attribution_width, reference_attribution
+from raypipe.core.attribution import RULES, attribute_batch, reference_attribution
 from raypipe.core.models import ProbedModel, build_model
 from raypipe.core.pruning import prune_neurons
 
@@ -16,6 +16,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHAPE = (1, 4, 4)
 PROBE, CLASSES, BATCH = 8, 5, 7
+# Width of each rule's per-sample vector: the probe width d, 1, or the last layer's C*d + C parameters.
+WIDTH = {
+    "grad_x_act_maxclass": PROBE,
+    "grad_x_act_label": PROBE,
+    "loss": 1,
+    "last_layer_grad": CLASSES * PROBE + CLASSES,
+}
 GRAD_RULES = ("grad_x_act_maxclass", "grad_x_act_label", "last_layer_grad")
 
 
@@ -52,7 +59,7 @@ def test_batched_rule_equals_reference_loop(rule):
     model, batch = _model(), _batch()
     out = attribute_batch(model, batch, rule)
     ref = _reference(model, batch, rule)
-    assert out["attribution"].shape == (BATCH, attribution_width(rule, PROBE, CLASSES))
+    assert out["attribution"].shape == (BATCH, WIDTH[rule])
     assert ref.shape == out["attribution"].shape
     assert torch.allclose(torch.as_tensor(out["attribution"]), torch.as_tensor(ref), atol=1e-5, rtol=1e-4)
     assert np.abs(ref).max() > 1e-3  # not trivially all zeros
@@ -144,13 +151,6 @@ def test_other_output_columns():
     loss_rule = attribute_batch(model, batch, "loss")["attribution"]
     assert loss_rule.shape == (BATCH, 1)
     assert np.allclose(loss_rule[:, 0], out["loss"], atol=1e-6)
-
-
-def test_attribution_width():
-    assert attribution_width("grad_x_act_maxclass", 8, 5) == 8
-    assert attribution_width("grad_x_act_label", 8, 5) == 8
-    assert attribution_width("loss", 8, 5) == 1
-    assert attribution_width("last_layer_grad", 8, 5) == 5 * 8 + 5
 
 
 def test_last_layer_grad_layout():

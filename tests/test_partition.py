@@ -9,7 +9,7 @@ import pytest
 
 from raypipe.config import PartitionConfig
 from raypipe.core.metrics import detection_metrics
-from raypipe.core.mixture import check_clean_side, fit_mixture, split, uniform_rows
+from raypipe.core.mixture import check_clean_side, fit_mixture, split
 from raypipe.errors import ConfigError, RaypipeError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -167,15 +167,6 @@ def test_detection_metrics_hand_computed():
     nothing = detection_metrics(truth, np.zeros(8), 0.5)
     assert nothing["precision"] == 0.0 and nothing["recall"] == 0.0 and nothing["f1"] == 0.0
     assert math.isnan(detection_metrics(np.zeros(8, bool), p, 0.5)["auroc"])
-
-
-def test_uniform_rows():
-    assert np.array_equal(uniform_rows(5, 10, 0), np.arange(5))
-    rows = uniform_rows(1000, 100, seed=3)
-    assert len(rows) == 100 and len(np.unique(rows)) == 100
-    assert np.all(np.diff(rows) > 0) and rows.min() >= 0 and rows.max() < 1000
-    assert np.array_equal(rows, uniform_rows(1000, 100, seed=3))
-    assert not np.array_equal(rows, uniform_rows(1000, 100, seed=4))
 
 
 def test_mixture_restarts_follow_the_config():

@@ -187,7 +187,7 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def sweep_a(ray_cluster, tmp_path_factory):
-    from raypipe.distributed.tune import run_sweep
+    from raypipe.api import run_sweep
 
     out = tmp_path_factory.mktemp("sweep") / "a"
     # A relative --out, as users type it (trials run in other working directories).
@@ -229,7 +229,7 @@ def test_sweep_completes_stops_bad_trials_and_picks_the_best(sweep_a):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_attributions_computed_once_per_rule_and_rerun_redoes_nothing(sweep_a):
-    from raypipe.distributed.tune import run_sweep
+    from raypipe.api import run_sweep
 
     out, result = sweep_a
     rules = ["loss", "grad_x_act_label"]
@@ -274,7 +274,7 @@ def _terminated(tune_dir: Path) -> set[str] | None:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_rerunning_finished_trials(sweep_a, ray_cluster, tmp_path):
-    from raypipe.distributed.tune import run_sweep
+    from raypipe.api import run_sweep
 
     out_a, _ = sweep_a
     out = tmp_path / "b"
@@ -316,8 +316,8 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(sweep_a, ray_clu
 def test_ray_train_inside_tune_trials_with_a_trusted_objective(sweep_a, tmp_path):
     """workers_per_trial=2: each trial's fine-tuning is a TorchTrainer started inside the Tune
     function; its per-epoch reports reach Tune (ASHA's input) through the relay of raypipe.distributed.tune."""
+    from raypipe.api import run_sweep
     from raypipe.data import table_from_samples
-    from raypipe.distributed.tune import run_sweep
     from raypipe.stages.data import read_split
 
     out_a, _ = sweep_a
@@ -357,7 +357,7 @@ def test_crashing_trials_are_retried_or_recorded_and_the_sweep_still_picks_a_bes
     """One trial crashes once (Tune retries it: ray.max_failures=2) and completes; another crashes every
     time (1 try + 2 retries) and is recorded as `error` in the trials table; the sweep still writes its
     best from the trials that finished. The crashes come from the fault hook of tests/faults."""
-    from raypipe.distributed.tune import run_sweep
+    from raypipe.api import run_sweep
 
     markers = tmp_path / "markers"
     markers.mkdir()

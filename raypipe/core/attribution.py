@@ -71,15 +71,6 @@ RULES: dict[str, RuleFn] = {
 }
 
 
-def attribution_width(rule: str, probe_width: int, num_classes: int) -> int:
-    return {
-        "grad_x_act_maxclass": probe_width,
-        "grad_x_act_label": probe_width,
-        "loss": 1,
-        "last_layer_grad": num_classes * probe_width + num_classes,
-    }[rule]
-
-
 @torch.no_grad()
 def _forward(model: ProbedModel, x: torch.Tensor) -> torch.Tensor:
     return model.probe(model.features(x))

@@ -119,13 +119,6 @@ def fit_mixture(attribution: np.ndarray, loss: np.ndarray, cfg: PartitionConfig,
     return MixtureFit(transform, mixture, noisy, [float(v) for v in mean_loss], int((~keep).sum()))
 
 
-def uniform_rows(n_rows: int, max_rows: int, seed: int) -> np.ndarray:
-    """Sorted indices of a uniform sample of at most `max_rows` of `n_rows`."""
-    if n_rows <= max_rows:
-        return np.arange(n_rows)
-    return np.sort(np.random.default_rng(seed).choice(n_rows, size=max_rows, replace=False))
-
-
 def split(p_noisy: np.ndarray, tau: float) -> np.ndarray:
     """[N] p_noisy -> [N] bool is_clean."""
     return np.asarray(p_noisy) < tau

@@ -34,8 +34,9 @@ from raypipe import storage
 from raypipe.config import config_from_dict
 from raypipe.distributed.ray_executor import init_ray
 from raypipe.distributed.resources import Plan, plan_sweep
-from raypipe.executors import LocalExecutor, make_executor
+from raypipe.executors import LocalExecutor
 from raypipe.layout import SweepLayout
+from raypipe.stages import Executor
 from raypipe.stages.train import TrainRequest
 from raypipe.sweep import outputs, space
 from raypipe.sweep import trial as sweep_trial
@@ -132,8 +133,9 @@ def _tuner(config, sweep_uri: str, specs: list[space.TrialSpec], plan, context: 
     )
 
 
-def run_sweep(config: space.SweepJobConfig, sweep_uri: str, log=print) -> dict[str, Any]:
-    """Run (or resume) the sweep under `sweep_uri`; return {"rows", "best", "report", "counts", ...}."""
+def run_sweep(config: space.SweepJobConfig, sweep_uri: str, executor: Executor, log=print) -> dict[str, Any]:
+    """Run (or resume) the sweep under `sweep_uri`, its shared stages on `executor`; return {"rows",
+    "best", "report", "counts", ...}."""
     start = time.perf_counter()
     sweep_uri = storage.absolute(sweep_uri)
     if config.sweep.trusted_path is not None:
@@ -144,11 +146,7 @@ def run_sweep(config: space.SweepJobConfig, sweep_uri: str, log=print) -> dict[s
     plan = plan_sweep(ray.cluster_resources(), config.sweep, len(specs))
     space.check_resumable(config, sweep_uri)
 
-    executor = make_executor(config, log)
-    try:
-        base = sweep_trial.prepare_base(config, sweep_uri, executor, log)  # checks the validation set once
-    finally:
-        executor.close()
+    base = sweep_trial.prepare_base(config, sweep_uri, executor, log)  # checks the validation set once
     n_val = len(sweep_trial.validation_set(config, sweep_uri))
     log(
         f"[sweep] {len(specs)} trials, objective {sweep_trial.METRIC} on {n_val} {config.sweep.objective}-labelled "
