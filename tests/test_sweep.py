@@ -338,7 +338,9 @@ def test_ray_train_inside_tune_trials_with_a_trusted_objective(sweep_a, tmp_path
     )
     result = run_sweep(config, str(out), log=lambda *_: None)
     rows = result["rows"]
-    assert len(rows) == 1 and all(r["status"] == "completed" and r["epochs_run"] == 2 for r in rows), rows
+    assert len(rows) == 1 and all(r["status"] == "completed" and r["epochs_run"] == 2 for r in rows), [
+        (r["status"], r["epochs_run"], r["message"]) for r in rows
+    ]
     for row in rows:
         assert Path(layout.ray_train_dir(str(out / "trials" / row["trial_id"] / "f_ft"))).is_dir()
         reported = [

@@ -126,6 +126,9 @@ class Worker:
 
 def train_route(request: TrainRequest, data: EpochData, sample_shape, num_classes: int, worker: Worker) -> LoopState:
     """The body of every training stage: model, resume, the loop with its callbacks, model.pt."""
+    published = layout.model_file(request.out_uri)
+    if storage.exists(published):  # trained to the end before; only the stage's record was cut off
+        return finished_state(published)
     model, signature = starting_model(request, tuple(sample_shape), num_classes)
     trainee, optimizer, data = prepare(model, request.route, request.train, data, worker.device)
     callbacks: list[Callback] = []
@@ -158,22 +161,29 @@ def train_route(request: TrainRequest, data: EpochData, sample_shape, num_classe
     return state
 
 
+def finished_state(model_uri: str) -> LoopState:
+    """The loop's final state, as the published model.pt of a training stage records it."""
+    done = load_model(model_uri)[2]
+    return LoopState(done["epochs"], done["seconds_train"], list(done["history"]))
+
+
 def route_summary(request: TrainRequest, n_train: int, started: float, **extra) -> dict[str, Any]:
     """What a training stage reports: the published model on the clean test split, its epochs and times
     (from ``model.pt``, which carries its training history wherever it was trained)."""
-    model, _, done = load_model(layout.model_file(request.out_uri))
+    model, _, _ = load_model(layout.model_file(request.out_uri))
+    state = finished_state(layout.model_file(request.out_uri))
     device = resolve_device(request.device)
     test = read_split(request.data_uri, "test")
-    history = done["history"]
+    last = state.history[-1] if state.history else {}
     return {
         **evaluate(model.to(device), test.x, test.label, device),
-        "seconds_per_epoch": done["seconds_train"] / max(done["epochs"], 1),
-        "seconds_train": done["seconds_train"],
+        "seconds_per_epoch": state.seconds_per_epoch,
+        "seconds_train": state.seconds_train,
         "seconds_total": time.perf_counter() - started,
-        "epochs": done["epochs"],
+        "epochs": state.epoch,
         "n_train": int(n_train),
-        "train_accuracy_given_labels": float(history[-1]["train_accuracy"]) if history else float("nan"),
-        "history": history,
+        "train_accuracy_given_labels": float(last.get("train_accuracy", float("nan"))),
+        "history": state.history,
         **extra,
     }
 

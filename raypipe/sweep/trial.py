@@ -37,6 +37,7 @@ from raypipe.errors import ConfigError, DataError, RaypipeError
 from raypipe.layout import SweepLayout
 from raypipe.pipeline import Run
 from raypipe.stages import Executor
+from raypipe.stages.train import finished_state
 from raypipe.sweep.space import TrialSpec, run_config, trial_config
 from raypipe.training.checkpoint import read_training
 
@@ -130,12 +131,15 @@ def validation_set(config: Config, sweep_uri: str) -> SampleSet:
 
 
 def trial_history(sweep_uri: str, trial_id: str, spec: TrialSpec) -> list[dict[str, Any]]:
-    """The finished epochs of a trial's fine-tuning: from its route's manifest when it is done, else
-    from the route's checkpoint (a trial stopped early or interrupted), else none."""
+    """The finished epochs of a trial's fine-tuning: from its route's manifest when the stage is done,
+    its published model when the training ended but the trial was stopped before the stage's record
+    (Tune stops a trial at its last report), its checkpoint when stopped early or interrupted, else none."""
     route_uri = SweepLayout(sweep_uri).trial(trial_id, spec.rule).stage(spec.route)
     manifest = storage.read_manifest(route_uri)
     if manifest is not None:
         return list(manifest["summary"]["history"])
+    if storage.exists(layout.model_file(route_uri)):
+        return finished_state(layout.model_file(route_uri)).history
     training = read_training(layout.checkpoint_file(route_uri))
     return list(training["history"]) if training else []
 
