@@ -98,7 +98,7 @@ def child(args) -> None:
     from raypipe.executors import make_executor
     from raypipe.stages import partition, prune
 
-    overrides = [*SETTINGS[args.setting], f"run.executor={args.executor}", "model.name=mlp"]
+    overrides = [*SETTINGS[args.setting], f"run.executor={args.executor}", "model.name=mlp", "ray.address=local"]
     cfg = C.config(overrides, args.data)
     work = RunLayout(str(Path(args.workdir).resolve()))
     out_dir = C.fresh_dir(Path(work.root, f"out_{args.setting}_{args.executor}"))
