@@ -329,6 +329,14 @@ def label_noise_overrides(n: int, epochs: int, model: str, ft_epochs: int) -> li
     ]
 
 
+def overhead_seconds(seconds: dict[str, float]) -> float:
+    """What a repair route pays besides its own training (attribution + partition + prune, as
+    report.json's seconds_total counts it), from per-stage seconds, wall or CPU."""
+    from raypipe.report.report import REPAIR_OVERHEAD
+
+    return sum(seconds.get(stage, 0.0) for stage in REPAIR_OVERHEAD)
+
+
 @dataclass
 class Finished:
     """A pipeline run: the pipeline's record (`run.ran`, `run.manifests`), its report, and this

@@ -224,7 +224,7 @@ def _cpu_ratio(cpu: dict, cpu_auto: dict) -> str:
     """Repair (attribution + partition + prune + fine-tuning) over Retrain, in this process's CPU seconds."""
     if "retrain" not in cpu_auto or "l_ft" not in cpu:
         return "—"
-    over = sum(cpu.get(s, 0.0) for s in ("attribution", "partition", "prune"))
+    over = C.overhead_seconds(cpu)
     return f"{(over + cpu['l_ft']) / cpu_auto['retrain']:.2f} / {(over + cpu['f_ft']) / cpu_auto['retrain']:.2f}"
 
 

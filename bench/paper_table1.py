@@ -30,7 +30,7 @@ def _cpu_ratio(cpu: dict, route: str) -> float | None:
     """(attribution + partition + prune + route) / retrain, in this process's CPU seconds."""
     if route not in cpu or "retrain" not in cpu:
         return None
-    return (sum(cpu.get(s, 0.0) for s in ("attribution", "partition", "prune")) + cpu[route]) / cpu["retrain"]
+    return (C.overhead_seconds(cpu) + cpu[route]) / cpu["retrain"]
 
 
 def main() -> None:
@@ -122,12 +122,7 @@ def main() -> None:
     f_minus_oracle = 100 * (values("f_ft", "accuracy") - values("oracle", "accuracy"))
     # Without the test-split evaluation every route ends with (a measurement, not part of a repair or
     # a retrain): attribution + partition + prune + F-FT's training loop over Retrain's training loop.
-    overhead = np.array(
-        [
-            sum(r["report"]["stages_seconds"].get(s, 0.0) for s in ("attribution", "partition", "prune"))
-            for r in per_seed
-        ]
-    )
+    overhead = np.array([C.overhead_seconds(r["report"]["stages_seconds"]) for r in per_seed])
     train_only = (overhead + values("f_ft", "seconds_train")) / values("retrain", "seconds_train")
     goals = {
         "f_ft_over_retrain_accuracy": acc["f_ft"] / acc["retrain"],
