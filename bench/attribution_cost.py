@@ -5,12 +5,13 @@
     retained, as the notebooks do), and `reference_attribution` (one sample and one backward per
     class at a time) on a small n.
 
-Models: cnn_small on Fashion-MNIST shapes (1x28x28, real images when the data set is installed) and
-resnet18_cifar on random 3x32x32 inputs (a few batches). Trained weights are not needed for cost;
-a freshly initialised model is used. Timings alternate the methods within each repeat (round-robin)
-so that load drift on the shared machine hits all methods alike; the median over repeats is reported.
+Models: cnn_small on Fashion-MNIST test images (1x28x28; --quick falls back to digits' 1x8x8 when
+Fashion-MNIST is not installed) and resnet18_cifar on random 3x32x32 inputs (a few batches).
+Trained weights are not needed for cost; a freshly initialised model is used. Timings alternate the
+methods within each repeat (round-robin) so that load drift on the shared machine hits all methods
+alike; the median over repeats is reported.
 
-    .venv/bin/python bench/attribution_cost.py [--quick]
+    .venv/bin/python bench/attribution_cost.py [--quick] [--results DIR]
 """
 
 from __future__ import annotations
@@ -144,36 +145,26 @@ def bench_model(name: str, model, x: np.ndarray, y: np.ndarray, batch: int, repe
 
 
 def main() -> None:
-    parser = C.quick_flag()
-    args = parser.parse_args()
-    C.set_threads(args.threads)
-    started, load_start = time.perf_counter(), C.loadavg()
-    from raypipe.config import ModelConfig
+    args = C.parser(__doc__, runs=False).parse_args()
+    b = C.Bench.start("attribution_cost", args)
+    from raypipe.config import DataConfig, ModelConfig
     from raypipe.core.models import build_model
+    from raypipe.data import load_splits
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     runs = []
-    # cnn_small on Fashion-MNIST shapes
-    n, batch, repeats, ref_n = (128, 128, 1, 4) if args.quick else (2048, 256, 5, 64)
-    try:
-        C.ensure_fashion_mnist()
-        from raypipe.config import DataConfig
-        from raypipe.data import load_splits
-
-        test = load_splits(DataConfig(source="fashion-mnist"))["test"]
-        x, y, src = test.x[:n], test.label[:n], "Fashion-MNIST test images"
-    except Exception as e:  # noqa: BLE001 - shapes are what matter for cost
-        x = rng.random((n, 1, 28, 28), dtype=np.float32)
-        y = rng.integers(0, 10, n)
-        src = f"random (Fashion-MNIST unavailable: {e})"
-    model = build_model(ModelConfig(name="cnn_small"), (1, 28, 28), 10)
+    # cnn_small on the data set's test images (Fashion-MNIST: 1x28x28)
+    n, batch, repeats, ref_n = (128, 128, 1, 4) if b.quick else (2048, 256, 5, 64)
+    test = load_splits(DataConfig(source=b.data))["test"]
+    x, y = test.x[:n], test.label[:n]
+    model = build_model(ModelConfig(name="cnn_small"), test.sample_shape, test.num_classes)
     print("cnn_small ...", C.loadavg(), flush=True)
     r = bench_model("cnn_small", model, x, y, batch, repeats, ref_n)
-    r["inputs"] = src
+    r["inputs"] = f"{b.data_title} test images {'x'.join(map(str, test.sample_shape))}"
     runs.append(r)
     # resnet18_cifar on random 3x32x32
-    n, batch, repeats, ref_n = (8, 8, 1, 1) if args.quick else (32, 16, 3, 4)
+    n, batch, repeats, ref_n = (8, 8, 1, 1) if b.quick else (32, 16, 3, 4)
     x = rng.random((n, 3, 32, 32), dtype=np.float32)
     y = rng.integers(0, 10, n)
     model = build_model(ModelConfig(name="resnet18_cifar"), (3, 32, 32), 10)
@@ -221,16 +212,9 @@ def main() -> None:
                 f"{paper <= 1.3} (paper's rule); {worst[0] <= 1.3} (every rule)",
             ]
         )
-    body = "\n".join(md + ["## Against the goal", "", C.md_table(["goal", "measured", "met"], goal_rows)])
-    C.write_results(
-        "attribution_cost" + ("_quick" if args.quick else ""),
-        "Attribution cost",
-        body,
-        {"runs": runs},
-        {"torch_threads": args.threads, "device": "cpu", "weights": "fresh init, seed 0"},
-        started,
-        load_start,
-    )
+    body = "\n".join(md + C.goals_md(goal_rows))
+    params = {"torch_threads": args.threads, "device": "cpu", "weights": "fresh init, seed 0"}
+    b.write("Attribution cost", body, {"runs": runs}, params)
 
 
 if __name__ == "__main__":

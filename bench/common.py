@@ -1,8 +1,14 @@
-"""Shared runner for the benchmarks in bench/: configs, timing with load averages, result files.
+"""Shared runner for the benchmarks in bench/: the command line, the data set, pipeline runs through
+raypipe's public API, timing with load averages, result files.
 
-Every benchmark writes ``bench/results/<name>.md`` and ``bench/results/<name>.json`` through
-`write_results`, recording the command that made it, the machine, the load average at every timing,
-subset sizes, epoch budgets, seeds and the numbers.
+Every benchmark writes ``<results>/<name>.md`` and ``<name>.json`` (``<name>_quick.*`` for
+``--quick``; ``--results`` defaults to ``bench/results``) through `Bench.write`, recording the
+command that made it, the data set, the machine, the load average at every timing, subset sizes,
+epoch budgets, seeds and the numbers. Scratch run directories go under ``--runs`` (default
+``bench/runs``, ignored by git).
+
+Everything under a run directory is found through `raypipe.layout`; which stages a run computed
+and their seconds come from the `raypipe.pipeline.Run` it returns, never from its log lines.
 
 The machine these were written on is shared (other jobs run on the same 2 CPUs), so every timing
 carries ``os.getloadavg()`` taken right before and after it, and ratios are measured back to back in
@@ -11,6 +17,7 @@ one process wherever a table reports a ratio.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -20,18 +27,27 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from raypipe import pipeline
+from raypipe.config import Config, load_config
+from raypipe.data.sources import DEBIAN_FASHION_MNIST
+from raypipe.executors import LocalExecutor, make_executor
+from raypipe.layout import RunLayout, shard_name
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-RESULTS = BENCH / "results"
-RUNS = BENCH / "runs"  # scratch run directories (ignored by the tables; safe to delete)
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CONFIG = ROOT / "jobs" / "configs" / "fashion_mnist.yaml"
-
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+INSTALL_FASHION = "apt-get install -y dataset-fashion-mnist"
+DATASETS = {
+    "fashion-mnist": f"Fashion-MNIST ({DEBIAN_FASHION_MNIST}), official 10k test split (clean)",
+    "digits": "scikit-learn's digits (Fashion-MNIST is not installed: the --quick fallback), "
+    "a stratified 20% test split (clean)",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,8 +59,8 @@ def loadavg() -> list[float]:
 
 
 def machine() -> dict[str, Any]:
-    import numpy
     import torch
+    from threadpoolctl import threadpool_info
 
     info: dict[str, Any] = {
         "hostname": platform.node(),
@@ -53,7 +69,8 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "numpy": numpy.__version__,
+        "threadpools": {f"{p['internal_api']} ({p['prefix']})": p["num_threads"] for p in threadpool_info()},
+        "numpy": np.__version__,
         "cuda": torch.cuda.is_available(),
     }
     try:
@@ -75,6 +92,16 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return info
+
+
+def peak_rss_mib() -> float:
+    """Peak RSS of this process's memory image (VmHWM: reset by exec, unlike getrusage's ru_maxrss,
+    which Linux carries over from the parent that forked us)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 class Timings:
@@ -114,26 +141,179 @@ def log_to(path: Path) -> Callable[[str], None]:
     return log
 
 
+def set_threads(n: int) -> None:
+    """`n` threads for torch and for this process's BLAS / OpenMP pools (numpy, scipy, scikit-learn),
+    and the same for the processes it starts. With the pools at their default (one thread per CPU)
+    on a loaded 2-CPU machine, the partition's mixture fit on 1000 rows measured 30 s; with one, 0.2 s."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    torch.set_num_threads(n)
+    threadpool_limits(n)
+
+
+def shown(path: str | Path) -> str:
+    """A path as a result file shows it: relative to the repository when inside it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
+def fresh_dir(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
-# Data and configs
+# The command line and one benchmark invocation
 
 
-def ensure_fashion_mnist() -> None:
-    """Fashion-MNIST from Debian's package; installed when absent (the benchmarks' only set-up)."""
-    if (FASHION_DIR / "train-images-idx3-ubyte.gz").exists() or (FASHION_DIR / "train-images-idx3-ubyte").exists():
-        return
-    print(f"{FASHION_DIR} missing: apt-get install -y dataset-fashion-mnist", flush=True)
-    cmd = ["apt-get", "install", "-y", "dataset-fashion-mnist"]
-    if os.geteuid() != 0 and shutil.which("sudo"):
-        cmd = ["sudo", *cmd]
-    subprocess.run(cmd, check=True)
+def parser(doc: str | None, runs: bool = True) -> argparse.ArgumentParser:
+    """The options every benchmark takes (`runs`: it writes run directories); a script adds its own."""
+    p = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny version, for smoke tests (writes <name>_quick.*)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch and BLAS / OpenMP threads of this process (default 1: on a shared, oversubscribed machine "
+        "two spinning OpenMP threads measured 10x slower per epoch than one; Ray workers get 1 thread per CPU too)",
+    )
+    p.add_argument("--results", type=Path, default=BENCH / "results", help="where the .md and .json go")
+    if runs:
+        p.add_argument("--runs", type=Path, default=BENCH / "runs", help="scratch run directories (safe to delete)")
+    return p
 
 
-def config(overrides: list[str], base: Path | None = FASHION_CONFIG):  # noqa: D401
-    """jobs/configs/fashion_mnist.yaml (or `base`) <- overrides, validated."""
-    from raypipe.config import load_config
+def fashion_mnist_installed() -> bool:
+    return any((DEBIAN_FASHION_MNIST / f"train-images-idx3-ubyte{gz}").exists() for gz in ("", ".gz"))
 
-    return load_config(base, overrides)
+
+def choose_data(quick: bool) -> str:
+    """Fashion-MNIST when installed; else digits for --quick (always there, so CI runs anywhere), else stop."""
+    if fashion_mnist_installed():
+        return "fashion-mnist"
+    if quick:
+        print(f"{DEBIAN_FASHION_MNIST} missing: --quick runs on scikit-learn's digits instead", flush=True)
+        return "digits"
+    raise SystemExit(f"error: Fashion-MNIST is missing in {DEBIAN_FASHION_MNIST}; install it: {INSTALL_FASHION}")
+
+
+def config(overrides: list[str], data: str) -> Config:
+    """jobs/configs/fashion_mnist.yaml on data set `data` <- overrides, validated."""
+    return load_config(str(FASHION_CONFIG), [f"data.source={data}", *overrides])
+
+
+@dataclass
+class Bench:
+    """One invocation of a benchmark: its options, the data set it runs on, where it writes."""
+
+    name: str
+    args: argparse.Namespace
+    data: str = ""
+    started: float = field(default_factory=time.perf_counter)
+    load_start: list[float] = field(default_factory=loadavg)
+
+    @classmethod
+    def start(cls, name: str, args: argparse.Namespace) -> Bench:
+        set_threads(args.threads)
+        return cls(name, args, choose_data(args.quick))
+
+    @property
+    def quick(self) -> bool:
+        return bool(self.args.quick)
+
+    @property
+    def data_title(self) -> str:
+        return {"fashion-mnist": "Fashion-MNIST"}.get(self.data, self.data)
+
+    @property
+    def result_name(self) -> str:
+        return self.name + ("_quick" if self.quick else "")
+
+    def runs(self, *parts: str) -> Path:
+        """A scratch folder of this benchmark: ``<runs>/<name>[_quick]/<parts>``."""
+        return Path(self.args.runs, self.result_name, *parts)
+
+    def config(self, overrides: list[str]) -> Config:
+        return config(overrides, self.data)
+
+    def run_variant(
+        self,
+        base: Path,
+        out: Path,
+        overrides: list[str],
+        log: Callable[[str], None],
+        share: tuple[str, ...] = ("data",),
+        checkpoint_from_base: bool = True,
+    ) -> Finished:
+        """Run the pipeline in `out` with `overrides`, reusing `base`'s finished stages.
+
+        `share` stage folders are copied from `base`; the pipeline must skip each of them (their
+        manifests match), else this raises. checkpoint_from_base: repair base's initial model
+        (model.checkpoint=...) instead of training one: the way to share the initial model with a run
+        whose initial-stage settings differ (e.g. a detection signal that needs no training trajectory).
+        """
+        fresh_dir(out)
+        copy_stages(base, out, share)
+        if checkpoint_from_base:
+            overrides = [*overrides, f"model.checkpoint={RunLayout(str(base)).model('initial')}"]
+        done = run_pipeline(self.config(overrides), out, log)
+        recomputed = [stage for stage in share if stage in done.run.ran]
+        if recomputed:
+            raise RuntimeError(f"stages {recomputed} copied into {out} were recomputed: their settings differ")
+        return done
+
+    def write(self, title: str, body_md: str, data: dict[str, Any], params: dict[str, Any]) -> Path:
+        """``<results>/<name>[_quick].md`` and ``.json``: meta (command, data set, machine, load), then `data`."""
+        results = Path(self.args.results)
+        results.mkdir(parents=True, exist_ok=True)
+        argv = [os.path.relpath(a, ROOT) if a.endswith(".py") else a for a in sys.argv]
+        command = " ".join([".venv/bin/python", *argv])
+        meta = {
+            "command": command,
+            "dataset": self.data,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "wall_seconds": round(time.perf_counter() - self.started, 1),
+            "machine": machine(),
+            "loadavg_start": self.load_start,
+            "loadavg_end": loadavg(),
+            "params": params,
+        }
+        md_path, json_path = results / f"{self.result_name}.md", results / f"{self.result_name}.json"
+        json_path.write_text(json.dumps({"meta": meta, **data}, indent=1, default=_jsonable))
+        m, load_start = meta["machine"], self.load_start
+        busy = max(load_start[0], meta["loadavg_end"][0]) > 2.5
+        header = [
+            f"# {title}",
+            "",
+            f"Command: `{command}` (wall {meta['wall_seconds']} s, finished {meta['finished_at']}).",
+            f"Data: {DATASETS.get(self.data, self.data or '—')}.",
+            f"Machine: {m['platform']}, {m['cpus']} CPUs, {m.get('mem_total_gib', '?')} GiB, torch {m['torch']} "
+            f"({m['torch_threads']} threads), ray {m.get('ray', '—')}, CUDA {m['cuda']}; raypipe at "
+            f"{m.get('git_commit', '?')[:7]}{' (+uncommitted changes)' if m.get('raypipe_dirty') else ''}. "
+            f"Load average (1/5/15 min) at start {load_start}, at end {meta['loadavg_end']}"
+            + (
+                " — the CPUs were shared with other jobs, so absolute seconds are noisy; ratios were measured "
+                "back to back."
+                if busy
+                else " (2 CPUs, about this benchmark's own load)."
+            ),
+            "",
+            "Parameters: " + ", ".join(f"{k}={_short(v)}" for k, v in params.items()),
+            "",
+            "",
+        ]
+        md_path.write_text("\n".join(header) + body_md.rstrip() + "\n")
+        print(f"wrote {md_path}")
+        return md_path
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline runs
 
 
 def label_noise_overrides(n: int, epochs: int, model: str, ft_epochs: int) -> list[str]:
@@ -157,150 +337,136 @@ def label_noise_overrides(n: int, epochs: int, model: str, ft_epochs: int) -> li
     ]
 
 
-def has_detection_section() -> bool:
-    """True once raypipe.config grows a `detection` section (neighbour-agreement detection)."""
-    import dataclasses
+def overhead_seconds(seconds: dict[str, float]) -> float:
+    """What a repair route pays besides its own training (attribution + partition + prune, as
+    report.json's seconds_total counts it), from per-stage seconds, wall or CPU."""
+    from raypipe.report.report import REPAIR_OVERHEAD
 
-    from raypipe.config import Config
-
-    return any(f.name == "detection" for f in dataclasses.fields(Config))
-
-
-def fresh_dir(path: Path) -> Path:
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    return path
+    return sum(seconds.get(stage, 0.0) for stage in REPAIR_OVERHEAD)
 
 
-def run_pipeline(cfg, out: Path, log: Callable[[str], None], from_stage: str | None = None) -> dict[str, Any]:
-    """One raypipe run in this process (run.executor decides local or Ray); returns report.json, plus
-    `stages_cpu_seconds`: this process's CPU time per computed stage (time.process_time between
-    consecutive "[stage] done" lines). On a shared machine CPU seconds are far steadier than wall
-    seconds (they do not count the time other jobs held the CPU); with run.executor=ray most work runs
-    in other processes and these are not meaningful."""
-    import re
+@dataclass
+class Finished:
+    """A pipeline run: the pipeline's record (`run.ran`, `run.manifests`), its report, and this
+    process's CPU seconds per computed stage."""
 
-    import raypipe
+    run: pipeline.Run
+    report: dict[str, Any]
+    cpu_seconds: dict[str, float]
 
+    @property
+    def layout(self) -> RunLayout:
+        return self.run.layout
+
+    @property
+    def skipped(self) -> list[str]:
+        """Stages found finished (manifest matched) and not recomputed."""
+        return [name for name in self.run.manifests if name not in self.run.ran]
+
+
+def run_pipeline(cfg: Config, out: Path, log: Callable[[str], None], from_stage: str | None = None) -> Finished:
+    """One raypipe run in this process (run.executor decides local or Ray) and its report.
+
+    The stage table runs one stage at a time (`Run.run([name])`, the order `Run.run()` takes) so that
+    each computed stage's CPU seconds of this process (time.process_time) can be taken. On a shared
+    machine CPU seconds are far steadier than wall seconds (they do not count the time other jobs
+    held the CPU); with run.executor=ray most work runs in other processes and they mean little.
+    """
+    from raypipe.report.report import write_report  # matplotlib: only when a report is written
+
+    if cfg.model.checkpoint is not None:
+        pipeline.check_given_checkpoint(cfg)
+    executor = make_executor(cfg, log)
     cpu: dict[str, float] = {}
-    last = [time.process_time()]
-    pattern = re.compile(r"^\[(\w+)\] (done in|up to date)")
-
-    def spy(msg: str) -> None:
-        m = pattern.match(msg)
-        if m:
-            now = time.process_time()
-            if m.group(2) == "done in":
-                cpu[m.group(1)] = now - last[0]
-            last[0] = now
-        log(msg)
-
-    report = raypipe.run(cfg, str(out), from_stage=from_stage, log=spy)
-    report["stages_cpu_seconds"] = cpu
-    return report
-
-
-def manifest(run_dir: Path, stage: str) -> dict[str, Any]:
-    return json.loads((run_dir / stage / "_manifest.json").read_text())
+    try:
+        run = pipeline.Run(cfg, RunLayout(str(out.resolve())), executor, log, from_stage)
+        for name in pipeline.STAGE_NAMES:
+            start = time.process_time()
+            run.run([name])
+            if name in run.ran:
+                cpu[name] = time.process_time() - start
+    finally:
+        executor.close()
+    return Finished(run, write_report(run.layout, cfg, run.manifests, log), cpu)
 
 
 def copy_stages(src: Path, dst: Path, stages: tuple[str, ...] = ("data", "initial")) -> None:
-    """Seed `dst` with finished stage directories of `src`, so a run there skips them (the manifests
+    """Seed `dst` with finished stage folders of `src`, so a run there skips them (the manifests
     match when the data / noise / model / initial settings are equal)."""
-    dst.mkdir(parents=True, exist_ok=True)
+    src_layout, dst_layout = RunLayout(str(src)), RunLayout(str(dst))
     for stage in stages:
-        if (dst / stage).exists():
-            shutil.rmtree(dst / stage)
-        shutil.copytree(src / stage, dst / stage)
+        shutil.rmtree(dst_layout.stage(stage), ignore_errors=True)
+        shutil.copytree(src_layout.stage(stage), dst_layout.stage(stage))
 
 
-def train_truth(run_dir: Path):
-    """The noisy training split of a run, with its ground truth (SampleSet)."""
-    from raypipe.stages.data import read_split
-
-    return read_split(str(run_dir / "data"), "train")
-
-
-def write_partition_from_flags(data_uri: str, out_dir: Path, flagged_by_id: dict[int, float] | None = None) -> Path:
-    """A partition directory (what routes read: sample_id, label, pred_label, p_noisy, is_clean) built
-    from given flags instead of the mixture.
-
-    flagged_by_id None: the ground truth (p_noisy = is_corrupted), i.e. the Oracle's clean set.
-    Otherwise a dict sample_id -> p_noisy (a sample is clean when p_noisy < 0.5).
-    """
-    import numpy as np
-    import pyarrow.parquet as pq
+def write_truth_partition(data_uri: str, out_uri: str) -> None:
+    """A partition folder whose clean part is the truly clean samples (p_noisy = is_corrupted), written
+    by the partition stage's own writer, one shard per training shard."""
+    import pyarrow as pa
 
     from raypipe import storage
     from raypipe.stages.data import train_shards
-    from raypipe.tables import columns_from_table, table_from_columns
+    from raypipe.stages.partition import write_split
+    from raypipe.tables import columns_from_table
 
-    fresh_dir(out_dir)
-    for uri in train_shards(data_uri):
-        table = storage.read_table(uri, columns=["sample_id", "label", "true_label", "is_corrupted"])
-        cols = columns_from_table(table)
-        if flagged_by_id is None:
-            p = cols["is_corrupted"].astype(np.float32)
-        else:
-            p = np.asarray([flagged_by_id[int(i)] for i in cols["sample_id"]], dtype=np.float32)
-        out = {
-            "sample_id": cols["sample_id"],
-            "label": cols["label"],
-            "pred_label": cols["label"],
-            "true_label": cols["true_label"],
-            "is_corrupted": cols["is_corrupted"],
-            "p_noisy": p,
-            "is_clean": p < 0.5,
-        }
-        pq.write_table(table_from_columns(out), str(out_dir / uri.rsplit("/", 1)[-1]))
-    return out_dir
+    columns = ["sample_id", "label", "true_label", "is_corrupted"]
+    tables = [storage.read_table(uri, columns=columns) for uri in train_shards(data_uri)]
+    cols = columns_from_table(pa.concat_tables(tables))
+    cols["pred_label"] = cols["label"]  # no model predicted anything here
+    p_noisy = cols["is_corrupted"].astype(np.float32)
+    names = [shard_name(i) for i in range(len(tables))]
+    write_split(out_uri, names, [t.num_rows for t in tables], cols, p_noisy, p_noisy < 0.5, "ground truth")
 
 
-def train_route(
-    cfg,
-    run_dir: Path,
-    route: str,
-    out_dir: Path,
-    partition_dir: Path | None,
-    init: str | None,
-    log=print,
-    train_cfg=None,
-) -> dict[str, Any]:
-    """One route in this process through raypipe.stages.train.train_local (the LocalExecutor's path)."""
-    from raypipe.stages.train import TrainRequest, train_local
+def oracle(cfg: Config, base: Path, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """A fresh model trained on the truly clean samples only: the pipeline's own `retrain` request on a
+    run (`out`) whose data is `base`'s and whose partition is the ground truth. -> the route's summary,
+    with its wall and CPU seconds and the load average around it."""
+    from raypipe.stages.train import train_local
 
-    request = TrainRequest(
-        route=route,
-        train=train_cfg or cfg.section("retrain" if route == "oracle" else route),
-        data_uri=str(run_dir / "data"),
-        out_uri=str(out_dir),
-        model=cfg.model,
-        seed=cfg.run.seed,
-        partition_uri=str(partition_dir) if partition_dir is not None else None,
-        init_model_uri=init,
-        device=cfg.run.device,
-    )
-    fresh_dir(out_dir)
-    start, cpu0 = time.perf_counter(), time.process_time()
-    load = loadavg()
+    fresh_dir(out)
+    lay = RunLayout(str(out.resolve()), shared={"data": RunLayout(str(base.resolve())).stage("data")})
+    write_truth_partition(lay.stage("data"), lay.stage("partition"))
+    request = pipeline.train_request(pipeline.Run(cfg, lay, LocalExecutor(log), log), "retrain", lay.stage("retrain"))
+    load, start, cpu0 = loadavg(), time.perf_counter(), time.process_time()
     metrics = train_local(request, log)
     metrics["wall_seconds"] = time.perf_counter() - start
     metrics["cpu_seconds"] = time.process_time() - cpu0
-    metrics["loadavg_before"] = load
-    metrics["loadavg_after"] = loadavg()
+    metrics["loadavg_before"], metrics["loadavg_after"] = load, loadavg()
     return metrics
 
 
-def oracle(cfg, run_dir: Path, log=print) -> dict[str, Any]:
-    """A fresh model trained on the truly clean samples only (the `retrain` route on the ground-truth
-    partition), with the retrain recipe."""
-    part = write_partition_from_flags(str(run_dir / "data"), run_dir / "oracle_partition")
-    return train_route(cfg, run_dir, "retrain", run_dir / "oracle", part, None, log, train_cfg=cfg.retrain)
+def train_arrays(model, x: np.ndarray, y: np.ndarray, cfg, route: str, seed: int, device: str = "cpu"):
+    """raypipe's one training loop on in-memory arrays (`InMemory`, `prepare`, `fit`: what
+    `raypipe.stages.train.train_route` runs, without its files) -> its LoopState."""
+    import torch
+
+    from raypipe.training.loop import InMemory, fit, prepare
+
+    dev = torch.device(device)
+    data = InMemory.from_arrays(x, y, np.arange(len(y)), cfg.batch_size, seed)
+    trainee, optimizer, data = prepare(model, route, cfg, data, dev)
+    return fit(trainee, optimizer, data, cfg.epochs, route, dev)
+
+
+def run_child(script: str, args: list[str]) -> dict[str, Any]:
+    """`python <script> --child <args>` in a fresh process (so its peak RSS is its own) -> the JSON it
+    printed on its `RESULT ` line, or {"error": ...} when it failed."""
+    p = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True, cwd=ROOT)
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    if p.returncode != 0 or not line:
+        print(p.stdout[-2000:], p.stderr[-4000:])
+        return {"error": p.stderr[-1500:] or p.stdout[-1500:]}
+    return json.loads(line[0][len("RESULT ") :])
+
+
+def child_result(res: dict[str, Any]) -> None:
+    """What a `--child` process hands back to `run_child`."""
+    print("RESULT " + json.dumps(res, default=_jsonable), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
-# Results
+# Markdown
 
 
 def fmt(v: Any, digits: int = 4) -> str:
@@ -322,120 +488,18 @@ def md_table(header: list[str], rows: list[list[Any]], digits: int = 4) -> str:
     return "\n".join(lines)
 
 
-def write_results(
-    name: str,
-    title: str,
-    body_md: str,
-    data: dict[str, Any],
-    params: dict[str, Any],
-    started: float,
-    load_start: list[float],
-) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    command = " ".join([".venv/bin/python", *[os.path.relpath(a, ROOT) if a.endswith(".py") else a for a in sys.argv]])
-    meta = {
-        "command": command,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "machine": machine(),
-        "loadavg_start": load_start,
-        "loadavg_end": loadavg(),
-        "params": params,
-    }
-    payload = {"meta": meta, **data}
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1, default=_jsonable))
-    m = meta["machine"]
-    header = [
-        f"# {title}",
-        "",
-        f"Command: `{command}` (wall {meta['wall_seconds']} s, finished {meta['finished_at']}).",
-        f"Machine: {m['platform']}, {m['cpus']} CPUs, {m.get('mem_total_gib', '?')} GiB, torch {m['torch']} "
-        f"({m['torch_threads']} threads), ray {m.get('ray', '—')}, CUDA {m['cuda']}; raypipe at "
-        f"{m.get('git_commit', '?')[:7]}{' (+uncommitted changes)' if m.get('raypipe_dirty') else ''}. "
-        f"Load average (1/5/15 min) at start {load_start}, at end {meta['loadavg_end']}"
-        + (
-            " — the CPUs were shared with other jobs, so absolute seconds are noisy; ratios were measured back to back."
-            if max(load_start[0], meta["loadavg_end"][0]) > 2.5
-            else " (2 CPUs, about this benchmark's own load)."
-        ),
-        "",
-        "Parameters: " + ", ".join(f"{k}={_short(v)}" for k, v in params.items()),
-        "",
-    ]
-    (RESULTS / f"{name}.md").write_text("\n".join(header) + body_md.rstrip() + "\n")
-    print(f"wrote {RESULTS / (name + '.md')}")
-    return RESULTS / f"{name}.md"
+def goals_md(rows: list[list[Any]], title: str = "Against the goal") -> list[str]:
+    """The closing section of every result file: goal, measured value, met."""
+    return [f"## {title}", "", md_table(["goal", "measured", "met"], rows)]
 
 
 def _short(v: Any) -> str:
-    s = json.dumps(v, default=_jsonable) if not isinstance(v, str) else v
-    return s
+    return json.dumps(v, default=_jsonable) if not isinstance(v, str) else v
 
 
 def _jsonable(v: Any) -> Any:
-    import numpy as np
-
     if isinstance(v, np.generic):
         return v.item()
     if isinstance(v, np.ndarray):
         return v.tolist()
-    if isinstance(v, Path):
-        return str(v)
     return str(v)
-
-
-def quick_flag(argv: list[str] | None = None):
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="tiny version (< 1 minute), for smoke tests")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads of this process (default 1: on a shared, oversubscribed machine two "
-        "spinning OpenMP threads measured 10x slower per epoch than one; Ray workers get 1 thread per CPU too)",
-    )
-    return parser
-
-
-def set_threads(n: int) -> None:
-    import torch
-
-    os.environ["OMP_NUM_THREADS"] = str(n)
-    torch.set_num_threads(n)
-
-
-def run_variant(
-    base: Path,
-    out: Path,
-    overrides: list[str],
-    log,
-    share: tuple[str, ...] = ("data",),
-    checkpoint_from_base: bool = True,
-) -> tuple[dict[str, Any], list[str]]:
-    """Run the pipeline in `out` with `overrides`, reusing `base`'s finished stages.
-
-    `share` stage directories are copied from `base`; the pipeline skips each one whose manifest
-    fingerprint matches (verified: the returned list names the stages it actually skipped).
-    checkpoint_from_base: repair base's initial model (model.checkpoint=...) instead of training one:
-    the way to share the initial model with a run whose initial-stage settings differ (e.g. a
-    detection signal that needs no training trajectory).
-    """
-    fresh_dir(out)
-    copy_stages(base, out, share)
-    if checkpoint_from_base:
-        overrides = [*overrides, f"model.checkpoint={base / 'initial' / 'model.pt'}"]
-    cfg = config(overrides)
-    skipped: list[str] = []
-
-    def spy(msg: str) -> None:
-        if msg.endswith("up to date, skipped"):
-            skipped.append(msg.split("]")[0].lstrip("["))
-        log(msg)
-
-    report = run_pipeline(cfg, out, spy)
-    for stage in share:
-        if stage not in skipped:
-            raise RuntimeError(f"stage '{stage}' copied into {out} was recomputed: its settings differ from {base}")
-    return report, skipped

@@ -10,18 +10,23 @@ Wall time includes the trainings each needs: cleanlab K trainings + predictions 
 raypipe the Initial training (which a user who repairs a deployed model already has: shown both
 with and without it) + attribution + partition.
 
-The data and Initial stages are seeded from bench/runs/label_noise/<noise>/auto when present; the
-pipeline's manifests decide whether they match (identical settings) and are skipped.
+The data and Initial stages are seeded from label_noise.py's base run (<runs>/label_noise/<noise>/auto)
+when present; the pipeline's manifests decide whether they match (identical settings) and are skipped.
 
     .venv/bin/python bench/detection_vs_cleanlab.py [--quick] [--n 4000] [--epochs 80] [--folds 3]
+        [--results DIR] [--runs DIR]
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import common as C
 import numpy as np
+
+from raypipe import storage
+from raypipe.layout import RunLayout
 
 NOISES = {
     "sym40": ["noise.kind=symmetric", "noise.rate=0.4"],
@@ -39,16 +44,17 @@ def scores(truth: np.ndarray, flagged: np.ndarray, suspicion: np.ndarray | None 
     return out
 
 
-def cleanlab_detect(cfg, run_dir, folds: int, seed: int, log) -> dict:
+def cleanlab_detect(cfg, run: RunLayout, folds: int, seed: int, log) -> dict:
     import torch
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
     from sklearn.model_selection import StratifiedKFold
 
     from raypipe.core.models import build_model
-    from raypipe.training.loop import fit, predict_logits
+    from raypipe.stages.data import read_split
+    from raypipe.training.loop import predict_logits
 
-    train = C.train_truth(run_dir)
+    train = read_split(run.stage("data"), "train")  # the noisy training split, with its ground truth
     device = torch.device("cpu")
     probs = np.zeros((len(train), train.num_classes), dtype=np.float64)
     fold_seconds = []
@@ -57,7 +63,7 @@ def cleanlab_detect(cfg, run_dir, folds: int, seed: int, log) -> dict:
         s = time.perf_counter()
         torch.manual_seed(seed + k)
         model = build_model(cfg.model, train.sample_shape, train.num_classes)
-        res = fit(model, train.x[tr], train.label[tr], cfg.initial, "initial", device, seed + k)
+        res = C.train_arrays(model, train.x[tr], train.label[tr], cfg.initial, "initial", seed + k)
         logits = predict_logits(model, train.x[ho], 1024, device)
         probs[ho] = torch.tensor(logits).double().softmax(1).numpy()
         fold_seconds.append(time.perf_counter() - s)
@@ -81,11 +87,11 @@ def cleanlab_detect(cfg, run_dir, folds: int, seed: int, log) -> dict:
     }
 
 
-def raypipe_detect(run_dir, report: dict, initial_seconds: float) -> dict:
-    det = report["detection"]
-    st = report["stages_seconds"]
+def raypipe_detect(done: C.Finished, initial_seconds: float) -> dict:
+    det = done.report["detection"]
+    st = done.report["stages_seconds"]
     detect_s = st.get("attribution", 0.0) + st.get("partition", 0.0)
-    cpu = report.get("stages_cpu_seconds", {})
+    cpu = done.cpu_seconds
     detect_cpu = cpu.get("attribution", 0.0) + cpu.get("partition", 0.0)
     return {
         "precision": det["precision"],
@@ -102,20 +108,17 @@ def raypipe_detect(run_dir, report: dict, initial_seconds: float) -> dict:
 
 
 def main() -> None:
-    parser = C.quick_flag()
+    parser = C.parser(__doc__)
     parser.add_argument("--n", type=int, default=4000)
     parser.add_argument("--epochs", type=int, default=80)
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--model", default="mlp")
     args = parser.parse_args()
-    C.set_threads(args.threads)
-    started, load_start = time.perf_counter(), C.loadavg()
-    C.ensure_fashion_mnist()
-    n, epochs, noises = (1000, 3, ["sym40"]) if args.quick else (args.n, args.epochs, list(NOISES))
+    b = C.Bench.start("detection_vs_cleanlab", args)
+    n, epochs, noises = (1000, 3, ["sym40"]) if b.quick else (args.n, args.epochs, list(NOISES))
     # label_noise.py's settings, so its data / initial stages are reused.
-    common = C.label_noise_overrides(n, epochs, args.model, 1 if args.quick else 10)
+    common = C.label_noise_overrides(n, epochs, args.model, 1 if b.quick else 10)
     params = {
-        "dataset": "fashion-mnist subset",
         "train_samples": n,
         "model": args.model,
         "initial (and each cleanlab fold)": f"Adam lr 1e-3, batch 64, {epochs} epochs",
@@ -126,38 +129,28 @@ def main() -> None:
     }
     results, table = {}, []
     for noise in noises:
-        tag = "detection_vs_cleanlab_quick" if args.quick else "detection_vs_cleanlab"
-        base_dir = C.fresh_dir(C.RUNS / tag / noise / "auto")
-        src = C.RUNS / ("label_noise_quick" if args.quick else "label_noise") / noise / "auto"
-        if (src / "initial" / "_manifest.json").exists():
+        base_dir = C.fresh_dir(b.runs(noise, "auto"))
+        src = Path(args.runs, "label_noise" + ("_quick" if b.quick else ""), noise, "auto")
+        if storage.read_manifest(RunLayout(str(src)).stage("initial")) is not None:
             C.copy_stages(src, base_dir, ("data", "initial"))
         log = C.log_to(base_dir.parent / "log.txt")
         over = [*common, *NOISES[noise]]
         print(f"== {noise}: raypipe auto", C.loadavg(), flush=True)
-        skipped: list[str] = []
-
-        def spy(msg: str, skipped=skipped, log=log) -> None:
-            if msg.endswith("up to date, skipped"):
-                skipped.append(msg.split("]")[0].lstrip("["))
-            log(msg)
-
-        rep = C.run_pipeline(C.config([*over, "detection.signal=auto", "run.routes=[]"]), base_dir, spy)
-        init_s = C.manifest(base_dir, "initial")["seconds"]
-        ours = {"auto": raypipe_detect(base_dir, rep, init_s)}
+        done = C.run_pipeline(b.config([*over, "detection.signal=auto", "run.routes=[]"]), base_dir, log)
+        init_s = done.report["stages_seconds"]["initial"]  # from its manifest, also when it was reused
+        ours = {"auto": raypipe_detect(done, init_s)}
         print(f"== {noise}: raypipe knn", C.loadavg(), flush=True)
-        rep_knn, _ = C.run_variant(
-            base_dir, base_dir.parent / "knn", [*over, "detection.signal=knn", "run.routes=[]"], log
-        )
-        ours["knn"] = raypipe_detect(base_dir.parent / "knn", rep_knn, init_s)
+        knn = b.run_variant(base_dir, base_dir.parent / "knn", [*over, "detection.signal=knn", "run.routes=[]"], log)
+        ours["knn"] = raypipe_detect(knn, init_s)
         print(f"== {noise}: cleanlab {args.folds}-fold", C.loadavg(), flush=True)
         load_before = C.loadavg()
-        cl = cleanlab_detect(C.config(over), base_dir, args.folds, 0, log)
+        cl = cleanlab_detect(b.config(over), done.layout, args.folds, 0, log)
         cl["loadavg_before"], cl["loadavg_after"] = load_before, C.loadavg()
         results[noise] = {
             "raypipe": ours,
             "cleanlab": cl,
-            "reused_stages": skipped,
-            "initial_train_accuracy_given": rep["routes"]["initial"].get("train_accuracy_given_labels"),
+            "reused_stages": done.skipped,
+            "initial_train_accuracy_given": done.report["routes"]["initial"].get("train_accuracy_given_labels"),
         }
         for name, r in ours.items():
             table.append(
@@ -228,20 +221,10 @@ def main() -> None:
             "raypipe's `s incl. trainings` adds the Initial model's training (raypipe trains it once; it is also the "
             "model being repaired); cleanlab's is K trainings + out-of-fold predictions + find_label_issues.",
             "",
-            "## Against the goal",
-            "",
-            C.md_table(["goal", "measured", "met"], goal_rows),
+            *C.goals_md(goal_rows),
         ]
     )
-    C.write_results(
-        "detection_vs_cleanlab" + ("_quick" if args.quick else ""),
-        "Detection: raypipe vs cleanlab",
-        body,
-        {"results": results},
-        params,
-        started,
-        load_start,
-    )
+    b.write("Detection: raypipe vs cleanlab", body, {"results": results}, params)
 
 
 if __name__ == "__main__":

@@ -11,19 +11,25 @@ trains the Initial model) and variants that reuse its stages:
 
 gap closed = (repaired accuracy - Initial) / (Oracle - Initial), clean test split, last epoch.
 
-Fine-tuning follows the paper: Adam lr 1e-3 for L-FT and F-FT (METHOD.md), here for 10 epochs
+Fine-tuning follows the paper: Adam lr 1e-3 for L-FT and F-FT (docs/method.md), here for 10 epochs
 (1/8 of the Initial's 80; the paper ran 30 of 60). A second table per noise setting, on the auto
 partition, repeats F-FT over 3 training seeds for 5 / 10 / 20 / 40 epochs, from the pruned model
 and from the unpruned Initial (prune.fraction=0): what the epoch budget buys and what pruning adds.
 
-    .venv/bin/python bench/label_noise.py [--quick] [--n 4000] [--epochs 80]
+    .venv/bin/python bench/label_noise.py [--quick] [--n 4000] [--epochs 80] [--noises sym40,...] [--merge]
+        [--results DIR] [--runs DIR]
 """
 
 from __future__ import annotations
 
-import time
+import json
+from pathlib import Path
 
 import common as C
+
+from raypipe import pipeline
+from raypipe.executors import LocalExecutor
+from raypipe.layout import RunLayout
 
 NOISES = {
     "sym20": ["noise.kind=symmetric", "noise.rate=0.2"],
@@ -54,36 +60,29 @@ def gap(acc: float, initial: float, oracle: float) -> float:
 
 
 def main() -> None:
-    parser = C.quick_flag()
-    parser.add_argument("--n", type=int, default=4000, help="training samples (Fashion-MNIST subset)")
+    parser = C.parser(__doc__)
+    parser.add_argument("--n", type=int, default=4000, help="training samples (a subset)")
     parser.add_argument("--epochs", type=int, default=80, help="Initial and Retrain epochs")
     parser.add_argument("--model", default="mlp")
     parser.add_argument("--ft-epochs", type=int, default=10, help="L-FT and F-FT epochs (Adam lr 1e-3, the paper's)")
     parser.add_argument("--noises", default=",".join(NOISES))
     parser.add_argument("--merge", action="store_true", help="keep other noise settings from an earlier results file")
     args = parser.parse_args()
-    C.set_threads(args.threads)
-    started, load_start = time.perf_counter(), C.loadavg()
-    C.ensure_fashion_mnist()
-    if args.quick:
-        n, epochs, ft_epochs, noises, variants = (
-            1000,
-            3,
-            1,
-            ["sym40"],
-            [v for v in VARIANTS if v[0] in ("knn", "attr:loss")],
-        )
+    b = C.Bench.start("label_noise", args)
+    if b.quick:
+        n, epochs, ft_epochs, noises = 1000, 3, 1, ["sym40"]
+        variants = [v for v in VARIANTS if v[0] in ("knn", "attr:loss")]
     else:
         n, epochs, ft_epochs, noises, variants = args.n, args.epochs, args.ft_epochs, args.noises.split(","), VARIANTS
     common = C.label_noise_overrides(n, epochs, args.model, ft_epochs)
+    epochs_list, seeds = ((1, 2), (0, 1)) if b.quick else (CURVE_EPOCHS, CURVE_SEEDS)
     params = {
-        "dataset": "fashion-mnist subset, official 10k test split (clean)",
         "train_samples": n,
         "model": args.model,
         "initial/retrain/oracle": f"Adam lr 1e-3, batch 64, {epochs} epochs",
         "l_ft": f"Adam lr 1e-3, batch 128, {ft_epochs} epochs",
         "f_ft": f"Adam lr 1e-3, batch 128, {ft_epochs} epochs",
-        "f_ft_curve": f"auto partition, epochs {list(CURVE_EPOCHS)} x seeds {list(CURVE_SEEDS)}, pruned and unpruned",
+        "f_ft_curve": f"auto partition, epochs {list(epochs_list)} x seeds {list(seeds)}, pruned and unpruned",
         "prune.fraction": 0.156,
         "partition.tau": 0.5,
         "detection": "k=30, class_balanced, decision=mixture (defaults)",
@@ -93,22 +92,22 @@ def main() -> None:
     }
     out: dict[str, dict] = {}
     for noise in noises:
-        base_dir = C.fresh_dir(C.RUNS / ("label_noise_quick" if args.quick else "label_noise") / noise / "auto")
+        base_dir = C.fresh_dir(b.runs(noise, "auto"))
         log = C.log_to(base_dir.parent / "log.txt")
         print(f"== {noise}: base run (auto)", C.loadavg(), flush=True)
         base_over = [*common, *NOISES[noise]]
         base = C.run_pipeline(
-            C.config([*base_over, "detection.signal=auto", "run.routes=[l_ft,f_ft,retrain]"]), base_dir, log
+            b.config([*base_over, "detection.signal=auto", "run.routes=[l_ft,f_ft,retrain]"]), base_dir, log
         )
-        orc = C.oracle(C.config(base_over), base_dir, log)
-        init = base["routes"]["initial"]
+        orc = C.oracle(b.config(base_over), base_dir, base_dir.parent / "oracle", log)
+        init = base.report["routes"]["initial"]
         print(f"== {noise}: F-FT curve", C.loadavg(), flush=True)
-        curve = fine_tune_curve(base_over, base_dir, log, quick=args.quick)
-        rows = {"auto": {"report": base, "skipped": []}}
+        curve = fine_tune_curve(b, base_over, base.layout, base_dir.parent / "ft_curve", epochs_list, seeds, log)
+        rows = {"auto": base}
         for name, over, share, ckpt in variants:
             print(f"== {noise}: {name}", C.loadavg(), flush=True)
             routes = "[l_ft,f_ft,retrain]" if name in WITH_RETRAIN else "[l_ft,f_ft]"
-            rep, skipped = C.run_variant(
+            rows[name] = b.run_variant(
                 base_dir,
                 base_dir.parent / name.replace(":", "_"),
                 [*base_over, *over, f"run.routes={routes}"],
@@ -116,20 +115,19 @@ def main() -> None:
                 share,
                 ckpt,
             )
-            rows[name] = {"report": rep, "skipped": skipped}
-        retrain_s = base["routes"]["retrain"]["seconds_total"]
+        retrain_s = base.report["routes"]["retrain"]["seconds_total"]
         res = {
             "initial": init,
             "oracle": orc,
             "rows": {},
             "retrain_seconds_auto": retrain_s,
             "epochs": epochs,
-            "n_corrupted": base["data"]["n_corrupted"],
-            "n_train": base["data"]["rows"]["train"],
+            "n_corrupted": base.report["data"]["n_corrupted"],
+            "n_train": base.report["data"]["rows"]["train"],
             "f_ft_curve": curve,
         }
-        for name, r in rows.items():
-            rep = r["report"]
+        for name, done in rows.items():
+            rep = done.report
             det = rep.get("detection", {})
             rt = rep["routes"]
             res["rows"][name] = {
@@ -153,55 +151,44 @@ def main() -> None:
                 "repair_seconds_l_ft": rt["l_ft"]["seconds_total"],
                 "retrain_seconds": rt.get("retrain", {}).get("seconds_total"),
                 "stages_seconds": rep["stages_seconds"],
-                "stages_cpu_seconds": rep.get("stages_cpu_seconds"),
-                "stages_skipped": r["skipped"],
+                "stages_cpu_seconds": done.cpu_seconds,
+                "stages_skipped": done.skipped,
             }
         out[noise] = res
-        name = "label_noise" + ("_quick" if args.quick else "")
         merged = dict(out)
-        prev = C.RESULTS / f"{name}.json"
+        prev = args.results / f"{b.result_name}.json"
         if args.merge and prev.exists():  # keep the noise settings an earlier invocation measured
-            import json
-
             old = json.loads(prev.read_text())
             merged = {**old.get("results", {}), **out}
             params["merged_from_earlier_invocation"] = sorted(set(old.get("results", {})) - set(out))
         ordered = {k: merged[k] for k in NOISES if k in merged}
-        C.write_results(
-            name,
-            "Label noise: detection and repair",
-            _goals_md(ordered) + _render(ordered),
-            {"results": ordered},
-            params,
-            started,
-            load_start,
+        b.write(
+            "Label noise: detection and repair", _goals_md(ordered) + _render(ordered), {"results": ordered}, params
         )
 
 
-def fine_tune_curve(base_over: list[str], base_dir, log, quick: bool = False) -> dict:
+def fine_tune_curve(b: C.Bench, base_over: list[str], base: RunLayout, work: Path, epochs_list, seeds, log) -> dict:
     """F-FT on the base (auto) partition for several epoch budgets and seeds, from the pruned model
-    and from the unpruned Initial: {"pruned"|"unpruned": {epochs: [accuracy per seed]}}."""
-    import dataclasses
+    and from the unpruned Initial: {"pruned"|"unpruned": {epochs: [accuracy per seed]}}.
 
-    epochs_list, seeds = ((1, 2), (0, 1)) if quick else (CURVE_EPOCHS, CURVE_SEEDS)
+    Each point is the pipeline's own f_ft stage, in a run under `work` whose data, initial model,
+    attribution and partition are the base run's folders: `pruned` shares the base's pruned model too;
+    `unpruned` runs the prune stage with prune.fraction=0 (once: it prunes nothing)."""
+    C.fresh_dir(work)
+    executor = LocalExecutor(log)
+    shared = {stage: base.stage(stage) for stage in ("data", "initial", "attribution", "partition")}
+    starts = {
+        "pruned": (RunLayout(str(work / "pruned"), {**shared, "prune": base.stage("prune")}), ["f_ft"], []),
+        "unpruned": (RunLayout(str(work / "unpruned"), shared), ["prune", "f_ft"], ["prune.fraction=0"]),
+    }
     out: dict = {}
-    for name, start in (("pruned", "prune"), ("unpruned", "initial")):
+    for name, (lay, stages, extra) in starts.items():
         out[name] = {}
         for epochs in epochs_list:
             accs = []
             for seed in seeds:
-                cfg = C.config([*base_over, f"run.seed={seed}"])
-                m = C.train_route(
-                    cfg,
-                    base_dir,
-                    "f_ft",
-                    base_dir / "ft_curve",
-                    base_dir / "partition",
-                    str(base_dir / start / "model.pt"),
-                    lambda *_: None,
-                    train_cfg=dataclasses.replace(cfg.f_ft, epochs=epochs),
-                )
-                accs.append(m["accuracy"])
+                cfg = b.config([*base_over, *extra, f"run.seed={seed}", f"f_ft.epochs={epochs}"])
+                accs.append(pipeline.Run(cfg, lay, executor, log).run(stages).summary("f_ft")["accuracy"])
             out[name][epochs] = accs
             log(f"[ft curve] {name} {epochs} epochs: {accs}")
     return out
@@ -237,7 +224,7 @@ def _cpu_ratio(cpu: dict, cpu_auto: dict) -> str:
     """Repair (attribution + partition + prune + fine-tuning) over Retrain, in this process's CPU seconds."""
     if "retrain" not in cpu_auto or "l_ft" not in cpu:
         return "—"
-    over = sum(cpu.get(s, 0.0) for s in ("attribution", "partition", "prune"))
+    over = C.overhead_seconds(cpu)
     return f"{(over + cpu['l_ft']) / cpu_auto['retrain']:.2f} / {(over + cpu['f_ft']) / cpu_auto['retrain']:.2f}"
 
 
@@ -316,10 +303,7 @@ def _goals_md(out: dict) -> str:
         best_f1 = max(r["rows"].items(), key=lambda kv: kv[1]["f1"] or 0)
         auto = r["rows"]["auto"]
         lines += [
-            "## Against the goals (sym 40%)",
-            "",
-            C.md_table(
-                ["goal", "measured", "met"],
+            *C.goals_md(
                 [
                     [
                         "F-FT gap closed >= 0.8 and accuracy >= Initial + 5 points",
@@ -341,6 +325,7 @@ def _goals_md(out: dict) -> str:
                         auto["repair_seconds_f_ft"] <= 0.35 * r["retrain_seconds_auto"],
                     ],
                 ],
+                "Against the goals (sym 40%)",
             ),
             "",
             "",

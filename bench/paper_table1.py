@@ -8,17 +8,15 @@ truth), with the paper's CIFAR-10 / ResNet-18 figures beside them.
 
 Every cell is the mean ± std over 3 seeds (noise, split and initialization drawn per seed).
 
-    .venv/bin/python bench/paper_table1.py [--quick] [--seeds 0,1,2]
+    .venv/bin/python bench/paper_table1.py [--quick] [--seeds 0,1,2] [--results DIR] [--runs DIR]
 """
 
 from __future__ import annotations
 
-import time
-
 import common as C
 import numpy as np
 
-PAPER = {  # CIFAR-10, ResNet-18, 50k, 50% corrupted (METHOD.md); Oracle not published
+PAPER = {  # CIFAR-10, ResNet-18, 50k, 50% corrupted (docs/method.md); Oracle not published
     "accuracy": {"initial": 0.6944, "l_ft": 0.7508, "f_ft": 0.8020, "retrain": 0.7299},
     "macro_precision": {"initial": 0.6962, "l_ft": 0.7546, "f_ft": 0.8075, "retrain": 0.7450},
     "macro_f1": {"initial": 0.6962, "l_ft": 0.7500, "f_ft": 0.8024, "retrain": 0.7298},
@@ -32,25 +30,22 @@ def _cpu_ratio(cpu: dict, route: str) -> float | None:
     """(attribution + partition + prune + route) / retrain, in this process's CPU seconds."""
     if route not in cpu or "retrain" not in cpu:
         return None
-    return (sum(cpu.get(s, 0.0) for s in ("attribution", "partition", "prune")) + cpu[route]) / cpu["retrain"]
+    return (C.overhead_seconds(cpu) + cpu[route]) / cpu["retrain"]
 
 
 def main() -> None:
-    parser = C.quick_flag()
+    parser = C.parser(__doc__)
     parser.add_argument("--n", type=int, default=4000)
     parser.add_argument("--epochs", type=int, default=8, help="Initial, Retrain and Oracle epochs")
     parser.add_argument("--ft-epochs", type=int, default=2, help="L-FT and F-FT epochs")
     parser.add_argument("--seeds", default="0,1,2", help="one full run (noise, split, init) per seed")
     args = parser.parse_args()
-    C.set_threads(args.threads)
-    started, load_start = time.perf_counter(), C.loadavg()
-    C.ensure_fashion_mnist()
-    if args.quick:
+    b = C.Bench.start("paper_table1", args)
+    if b.quick:
         n, model, epochs, ft_epochs = 1000, "mlp", 2, 1
     else:
         n, model, epochs, ft_epochs = args.n, "cnn_small", args.epochs, args.ft_epochs
     params = {
-        "dataset": "fashion-mnist (Debian dataset-fashion-mnist), official 10k test split (clean)",
         "train_samples": n,
         "noise": "gaussian, rate 0.5, sigma 4.5, clamp [0,1] (val split noised too, seed+1)",
         "model": model,
@@ -82,21 +77,21 @@ def main() -> None:
         "run.routes=[l_ft,f_ft,retrain]",
         "run.executor=local",
     ]
-    seeds = [0] if args.quick else [int(v) for v in args.seeds.split(",")]
+    seeds = [0] if b.quick else [int(v) for v in args.seeds.split(",")]
     params["seeds"] = f"run.seed = noise.seed = data.split_seed = each of {seeds}"
     t = C.Timings()
     per_seed = []  # one {"routes", "report", "oracle"} per seed
     for seed in seeds:
-        cfg = C.config([*overrides, f"run.seed={seed}", f"noise.seed={seed}", f"data.split_seed={seed}"])
-        run_dir = C.fresh_dir(C.RUNS / ("paper_table1" + ("_quick" if args.quick else "")) / f"seed{seed}")
-        log = C.log_to(run_dir / "log.txt")
+        cfg = b.config([*overrides, f"run.seed={seed}", f"noise.seed={seed}", f"data.split_seed={seed}"])
+        seed_dir = C.fresh_dir(b.runs(f"seed{seed}"))
+        log = C.log_to(seed_dir / "log.txt")
         print(f"== seed {seed}", C.loadavg(), flush=True)
         with t(f"pipeline seed {seed}"):
-            report = C.run_pipeline(cfg, run_dir, log)
+            done = C.run_pipeline(cfg, seed_dir / "run", log)
         with t(f"oracle seed {seed}"):
-            orc = C.oracle(cfg, run_dir, log)
-        routes = dict(report["routes"])
-        routes["oracle"] = {**orc, "seconds_total": orc["seconds_total"]}
+            orc = C.oracle(cfg, seed_dir / "run", seed_dir / "oracle", log)
+        report = {**done.report, "stages_cpu_seconds": done.cpu_seconds}
+        routes = {**report["routes"], "oracle": orc}
         per_seed.append({"seed": seed, "routes": routes, "report": report, "oracle": orc})
 
     def values(route: str, key: str) -> np.ndarray:
@@ -127,12 +122,7 @@ def main() -> None:
     f_minus_oracle = 100 * (values("f_ft", "accuracy") - values("oracle", "accuracy"))
     # Without the test-split evaluation every route ends with (a measurement, not part of a repair or
     # a retrain): attribution + partition + prune + F-FT's training loop over Retrain's training loop.
-    overhead = np.array(
-        [
-            sum(r["report"]["stages_seconds"].get(s, 0.0) for s in ("attribution", "partition", "prune"))
-            for r in per_seed
-        ]
-    )
+    overhead = np.array([C.overhead_seconds(r["report"]["stages_seconds"]) for r in per_seed])
     train_only = (overhead + values("f_ft", "seconds_train")) / values("retrain", "seconds_train")
     goals = {
         "f_ft_over_retrain_accuracy": acc["f_ft"] / acc["retrain"],
@@ -169,7 +159,7 @@ def main() -> None:
         "",
         C.md_table(header, rows),
         "",
-        f"Ours: Fashion-MNIST, `{model}`, {n} training samples; paper: CIFAR-10, ResNet-18, 50k. Total seconds of "
+        f"Ours: {b.data_title}, `{model}`, {n} training samples; paper: CIFAR-10, ResNet-18, 50k. Total seconds of "
         "L-FT / F-FT include attribution + partition + pruning (paper: seconds per epoch only). Oracle = a fresh "
         f"model on the truly clean samples (~{per_seed[0]['oracle']['n_train']}), same recipe as Retrain. Each seed "
         "draws its own noise, split and initialization.",
@@ -193,10 +183,7 @@ def main() -> None:
         "",
         C.md_table(["stage", "wall seconds", "CPU seconds (this process)"], stage_rows, 2),
         "",
-        "## Against the goals",
-        "",
-        C.md_table(
-            ["goal", "measured", "met"],
+        *C.goals_md(
             [
                 [
                     "F-FT >= 1.10 x Retrain accuracy, or within 1 point of Oracle",
@@ -218,11 +205,11 @@ def main() -> None:
                     goals["goal_time_met"],
                 ],
             ],
+            "Against the goals",
         ),
     ]
-    C.write_results(
-        "paper_table1" + ("_quick" if args.quick else ""),
-        "Paper Table 1, our numbers (Gaussian input noise, Fashion-MNIST)",
+    b.write(
+        f"Paper Table 1, our numbers (Gaussian input noise, {b.data_title})",
         "\n".join(body),
         {
             "per_seed": [
@@ -243,8 +230,6 @@ def main() -> None:
             "timings": t.rows,
         },
         params,
-        started,
-        load_start,
     )
 
 

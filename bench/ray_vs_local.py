@@ -1,5 +1,5 @@
-"""Issue 3's benchmark: the same pipeline in one process (run.executor=local) vs on local Ray
-(run.executor=ray), on a Fashion-MNIST subset: wall time per stage and in total, the Ray / local
+"""The same pipeline in one process (run.executor=local) vs on local Ray (run.executor=ray), on a
+Fashion-MNIST subset: wall time per stage and in total, the Ray / local
 ratio (goal: Ray <= 1.15x in-process), attribution samples per second in each, driver peak memory.
 
 Each executor runs in a fresh subprocess (so each driver's peak RSS, VmHWM, is its own), one after
@@ -7,78 +7,79 @@ the other; with --abba the order local, ray, ray, local is run and each executor
 which cancels a linear drift of the machine's load. Ray's start-up (ray.init, workers) is part of
 the `total` wall time and shown on its own row (`executor start`).
 
-    .venv/bin/python bench/ray_vs_local.py [--quick] [--n 4000] [--epochs 2] [--abba]
+    .venv/bin/python bench/ray_vs_local.py [--quick] [--n 4000] [--epochs 2] [--abba] [--results DIR] [--runs DIR]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import common as C
 
-STAGES = ("data", "initial", "attribution", "partition", "prune", "l_ft", "f_ft", "retrain")
+from raypipe import pipeline
+from raypipe.config import ROUTE_TITLES
 
-
-def vmhwm_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+EXECUTORS = ("local", "ray")
 
 
 def child(args) -> None:
+    """One executor's whole run in this (fresh) process; prints its RESULT line."""
     C.set_threads(args.threads)
-    from raypipe import api, pipeline
+    from raypipe.executors import make_executor
+    from raypipe.report.report import write_report
 
-    cfg = C.config(json.loads(args.overrides))
+    cfg = C.config(json.loads(args.overrides), args.data)
     out = C.fresh_dir(Path(args.out))
     log = C.log_to(out.parent / f"log_{cfg.run.executor}.txt")
     load0 = C.loadavg()
     t0 = time.perf_counter()
-    executor = api.make_executor(cfg, log)
+    executor = make_executor(cfg, log)
     start_s = time.perf_counter() - t0
     try:
-        report = pipeline.run(cfg, str(out), executor, None, log)
+        run = pipeline.run(cfg, str(out), executor, None, log)
     finally:
         executor.close()
+    report = write_report(run.layout, cfg, run.manifests, log)
     total = time.perf_counter() - t0
-    res = {
-        "executor": cfg.run.executor,
-        "total_seconds": total,
-        "executor_start_seconds": start_s,
-        "stages_seconds": report["stages_seconds"],
-        "driver_peak_rss_mib": vmhwm_mib(),
-        "rows": report["data"]["rows"]["train"],
-        "loadavg": [load0, C.loadavg()],
-        "accuracy": {r: m["accuracy"] for r, m in report["routes"].items()},
-        "detection_f1": report.get("detection", {}).get("f1"),
-    }
-    print("RESULT " + json.dumps(res), flush=True)
+    C.child_result(
+        {
+            "executor": cfg.run.executor,
+            "total_seconds": total,
+            "executor_start_seconds": start_s,
+            "stages_ran": run.ran,
+            "stages_seconds": report["stages_seconds"],
+            "driver_peak_rss_mib": C.peak_rss_mib(),
+            "rows": run.summary("data")["rows"]["train"],
+            "loadavg": [load0, C.loadavg()],
+            "accuracy": {r: m["accuracy"] for r, m in report["routes"].items()},
+            "detection_f1": report.get("detection", {}).get("f1"),
+        }
+    )
 
 
 def main() -> None:
-    parser = C.quick_flag()
-    parser.add_argument("--child", action="store_true")
-    parser.add_argument("--overrides")
-    parser.add_argument("--out")
+    parser = C.parser(__doc__)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=4000)
     parser.add_argument("--epochs", type=int, default=2, help="Initial and Retrain epochs (fine-tuning: 1)")
-    parser.add_argument("--abba", action="store_true")
+    parser.add_argument("--abba", action="store_true", help="run local, ray, ray, local and average each")
     args = parser.parse_args()
     if args.child:
         return child(args)
-    started, load_start = time.perf_counter(), C.loadavg()
-    C.ensure_fashion_mnist()
-    if args.quick:
-        n, model, ep, ft = 1000, "mlp", 1, 1
+    name = "ray_vs_local"
+    if not args.quick and (args.n, args.epochs) != (4000, 2):  # a larger run kept apart
+        name = f"ray_vs_local_n{args.n}_e{args.epochs}"
+    b = C.Bench.start(name, args)
+    if b.quick:  # each Ray Train route pays ~25 s of start-up on 2 CPUs: Ray Train, Data and tasks once each
+        n, model, ep, ft, routes = 1000, "mlp", 1, 1, "[]"
     else:
-        n, model, ep, ft = args.n, "cnn_small", args.epochs, 1
+        n, model, ep, ft, routes = args.n, "cnn_small", args.epochs, 1, "[l_ft,f_ft,retrain]"
     overrides = [
         f"data.max_train_samples={n}",
         "data.shard_rows=1024",
@@ -87,32 +88,23 @@ def main() -> None:
         f"retrain.epochs={ep}",
         f"l_ft.epochs={ft}",
         f"f_ft.epochs={ft}",
-        "run.routes=[l_ft,f_ft,retrain]",
+        f"run.routes={routes}",
+        "ray.address=local",  # a Ray of its own, even when another one runs on this machine
     ]
     order = ["local", "ray", "ray", "local"] if args.abba else ["local", "ray"]
     runs = []
     for i, ex in enumerate(order):
         print(f"== {ex} ({i + 1}/{len(order)})", C.loadavg(), flush=True)
-        out = C.RUNS / ("ray_vs_local_quick" if args.quick else "ray_vs_local") / f"{i}_{ex}"
-        cmd = [
-            sys.executable,
+        res = C.run_child(
             __file__,
-            "--child",
-            "--threads",
-            str(args.threads),
-            "--out",
-            str(out),
-            "--overrides",
-            json.dumps([*overrides, f"run.executor={ex}"]),
-        ]
-        p = subprocess.run(
-            cmd, capture_output=True, text=True, cwd=C.ROOT, env={**os.environ, "PYTHONPATH": str(C.ROOT)}
+            [
+                *("--threads", str(args.threads), "--out", str(b.runs(f"{i}_{ex}")), "--data", b.data),
+                *("--overrides", json.dumps([*overrides, f"run.executor={ex}"])),
+            ],
         )
-        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-        if p.returncode != 0 or not line:
-            print(p.stdout[-3000:], p.stderr[-5000:])
+        if "error" in res:
             raise SystemExit(f"{ex} run failed")
-        runs.append(json.loads(line[0][7:]))
+        runs.append(res)
         print(
             "   ",
             {k: runs[-1][k] for k in ("total_seconds", "executor_start_seconds", "driver_peak_rss_mib")},
@@ -123,8 +115,11 @@ def main() -> None:
         vals = [get(r) for r in runs if r["executor"] == ex]
         return sum(vals) / len(vals)
 
+    def accuracy(route: str):
+        return lambda r: r["accuracy"][route]
+
     rows, ratios = [], {}
-    for stage in STAGES:
+    for stage in [s for s in pipeline.STAGE_NAMES if s in runs[0]["stages_seconds"]]:
         lo = mean("local", lambda r, s=stage: r["stages_seconds"].get(s, 0.0))
         ra = mean("ray", lambda r, s=stage: r["stages_seconds"].get(s, 0.0))
         ratios[stage] = ra / lo if lo else float("nan")
@@ -135,8 +130,8 @@ def main() -> None:
     lo_t, ra_t = mean("local", lambda r: r["total_seconds"]), mean("ray", lambda r: r["total_seconds"])
     ratios["total"] = ra_t / lo_t
     rows.append(["**total wall**", f"{lo_t:.1f}", f"{ra_t:.1f}", f"{ratios['total']:.2f}"])
-    attr_rate = {ex: mean(ex, lambda r: r["rows"] / r["stages_seconds"]["attribution"]) for ex in ("local", "ray")}
-    mem = {ex: mean(ex, lambda r: r["driver_peak_rss_mib"]) for ex in ("local", "ray")}
+    attr_rate = {ex: mean(ex, lambda r: r["rows"] / r["stages_seconds"]["attribution"]) for ex in EXECUTORS}
+    mem = {ex: mean(ex, lambda r: r["driver_peak_rss_mib"]) for ex in EXECUTORS}
     body = "\n".join(
         [
             f"Order of runs: {', '.join(order)} (each in a fresh subprocess).",
@@ -148,24 +143,18 @@ def main() -> None:
                 [
                     ["attribution samples / s", f"{attr_rate['local']:.0f}", f"{attr_rate['ray']:.0f}"],
                     ["driver peak RSS MiB (VmHWM)", f"{mem['local']:.0f}", f"{mem['ray']:.0f}"],
-                    [
-                        "test accuracy F-FT",
-                        *[
-                            f"{mean(ex, lambda r: r['accuracy'].get('f_ft', float('nan'))):.4f}"
-                            for ex in ("local", "ray")
-                        ],
+                    *[
+                        [f"test accuracy {ROUTE_TITLES[r]}", *[f"{mean(ex, accuracy(r)):.4f}" for ex in EXECUTORS]]
+                        for r in runs[0]["accuracy"]
                     ],
                     [
                         "load average per run",
-                        *[str([r["loadavg"] for r in runs if r["executor"] == ex]) for ex in ("local", "ray")],
+                        *[str([r["loadavg"] for r in runs if r["executor"] == ex]) for ex in EXECUTORS],
                     ],
                 ],
             ),
             "",
-            "## Against the goal",
-            "",
-            C.md_table(
-                ["goal", "measured", "met"],
+            *C.goals_md(
                 [
                     [
                         "Ray <= 1.15x in-process (total wall)",
@@ -177,9 +166,7 @@ def main() -> None:
             ),
         ]
     )
-    C.write_results(
-        "ray_vs_local"
-        + ("_quick" if args.quick else "" if (n, ep) == (4000, 2) else f"_n{n}_e{ep}"),  # a larger run kept apart
+    b.write(
         "Ray vs in-process",
         body,
         {"runs": runs, "ratios": ratios, "attribution_samples_per_s": attr_rate, "driver_peak_rss_mib": mem},
@@ -188,14 +175,13 @@ def main() -> None:
             "model": model,
             "initial/retrain epochs": ep,
             "l_ft/f_ft epochs": ft,
+            "routes": routes,
             "shard_rows": 1024,
             "detection.signal": "auto (default)",
             "torch_threads (local, driver)": args.threads,
             "order": order,
             "seeds": "run.seed=0, noise.seed=0, data.split_seed=0",
         },
-        started,
-        load_start,
     )
 
 

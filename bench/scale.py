@@ -15,58 +15,60 @@ combined without ground truth). Both caps are 20k by default, so from 20k rows u
 the same fit sample and reference set and only O(N) scalars (p_noisy, labels) grow.
 
     .venv/bin/python bench/scale.py [--quick] [--sizes 20000,200000] [--executors local,ray]
+        [--settings attribution,auto] [--results DIR] [--runs DIR]
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
+import argparse
 import time
 from pathlib import Path
 
 import common as C
 import numpy as np
 
+from raypipe import pipeline, storage
+from raypipe.executors import LocalExecutor
+from raypipe.layout import RunLayout, shard_name
+
+NUM_CLASSES = 10  # Fashion-MNIST and digits alike
 SETTINGS = {
     "attribution": ["detection.signal=attribution"],
     "auto": ["detection.signal=auto"],
 }
 
 
-def source_run(quick: bool) -> Path:
-    """A run whose attribution shards (probe [256], attribution [256]) and model are replicated."""
-    for cand in [C.RUNS / "scale_src", C.RUNS / "label_noise" / "sym40" / "attr_grad_x_act_label"]:
-        if (cand / "attribution" / "_manifest.json").exists() and (cand / "initial" / "model.pt").exists():
-            return cand
-    out = C.fresh_dir(C.RUNS / "scale_src")
-    cfg = C.config(
-        [
-            "data.max_train_samples=2000",
-            "model.name=mlp",
-            "initial.epochs=3",
-            "attribution.rule=grad_x_act_label",
-            "detection.signal=attribution",
-            "run.routes=[]",
-            "run.executor=local",
-        ]
+def source_run(b: C.Bench) -> RunLayout:
+    """A run whose attribution shards (probe [256], attribution [256]) and model are replicated:
+    `<runs>/scale_src`, else label_noise.py's sym40 grad_x_act_label run, else a small run made here."""
+    runs = Path(b.args.runs)
+    for cand in (runs / "scale_src", runs / "label_noise" / "sym40" / "attr_grad_x_act_label"):
+        lay = RunLayout(str(cand.resolve()))
+        if storage.read_manifest(lay.stage("attribution")) is not None and storage.exists(lay.model("initial")):
+            return lay
+    out = C.fresh_dir(runs / "scale_src")
+    cfg = b.config(
+        ["data.max_train_samples=2000", "model.name=mlp", "initial.epochs=3", "attribution.rule=grad_x_act_label"]
     )
-    C.run_pipeline(cfg, out, C.log_to(out / "log.txt"))
-    return out
+    log = C.log_to(out / "log.txt")
+    stages = ["data", "initial", "attribution"]  # what is replicated; the rest is what this benchmark measures
+    return pipeline.Run(cfg, RunLayout(str(out.resolve())), LocalExecutor(log), log).run(stages).layout
 
 
-def replicate(src: Path, rows: int, out: Path, shard_rows: int = 2048) -> Path:
+def replicate(src: RunLayout, rows: int, work: RunLayout, shard_rows: int = 2048) -> str:
+    """`work`'s attribution folder: `src`'s attribution rows replicated to `rows` rows (kept when it
+    already holds that many)."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    from raypipe import storage
     from raypipe.tables import columns_from_table, table_from_columns
 
-    attr_dir = out / "attribution"
-    if (attr_dir / "_rows.json").exists() and json.loads((attr_dir / "_rows.json").read_text())["rows"] == rows:
+    attr_dir = work.stage("attribution")
+    existing = storage.list_files(attr_dir, ".parquet") if storage.exists(attr_dir) else []
+    if existing and sum(pq.read_metadata(uri).num_rows for uri in existing) == rows:
         return attr_dir
-    C.fresh_dir(attr_dir)
-    tables = [storage.read_table(u) for u in storage.list_files(str(src / "attribution"), ".parquet")]
+    C.fresh_dir(Path(attr_dir))
+    tables = [storage.read_table(u) for u in storage.list_files(src.stage("attribution"), ".parquet")]
     base = columns_from_table(pa.concat_tables(tables))
     n0 = len(base["sample_id"])
     stride = int(base["sample_id"].max()) + 1
@@ -81,42 +83,31 @@ def replicate(src: Path, rows: int, out: Path, shard_rows: int = 2048) -> Path:
         for k in ("probe", "attribution"):
             if rep.max() > 0:
                 cols[k] = (cols[k] * (1 + 0.01 * rng.standard_normal(cols[k].shape))).astype(np.float32)
-        storage.write_table(str(attr_dir / f"part-{shard:05d}.parquet"), table_from_columns(cols))
+        storage.write_table(storage.join(attr_dir, shard_name(shard)), table_from_columns(cols))
         written += take
         shard += 1
-    (attr_dir / "_rows.json").write_text(json.dumps({"rows": rows, "shards": shard, "source": str(src)}))
     return attr_dir
 
 
 def child(args) -> None:
-    """One measurement in this (fresh) process; prints one JSON line."""
+    """One measurement in this (fresh) process: the partition and prune stages on the replicated
+    attribution shards of `--workdir`; prints its RESULT line."""
     import tracemalloc
 
     C.set_threads(args.threads)
-
-    def rss_mib() -> float:
-        """Peak RSS of this process's memory image (VmHWM: reset by exec, unlike getrusage's ru_maxrss,
-        which Linux carries over from the parent that forked us)."""
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmHWM in /proc/self/status")
-
-    from raypipe import api
+    from raypipe.executors import make_executor
     from raypipe.stages import partition, prune
 
-    work = Path(args.workdir)
-    overrides = [*SETTINGS[args.setting], f"run.executor={args.executor}", "model.name=mlp"]
-    cfg = C.config(overrides)
-    log = C.log_to(work / f"log_{args.setting}_{args.executor}.txt")
-    executor = api.make_executor(cfg, log)
+    overrides = [*SETTINGS[args.setting], f"run.executor={args.executor}", "model.name=mlp", "ray.address=local"]
+    cfg = C.config(overrides, args.data)
+    work = RunLayout(str(Path(args.workdir).resolve()))
+    out_dir = C.fresh_dir(Path(work.root, f"out_{args.setting}_{args.executor}"))
+    out = RunLayout(str(out_dir), shared={"attribution": work.stage("attribution")})
+    log = C.log_to(Path(work.root, f"log_{args.setting}_{args.executor}.txt"))
+    executor = make_executor(cfg, log)
     # Warm the executor (Ray: start the workers) so the stages measure the work, not the start-up.
     executor.map(lambda i: i, list(range(4)), "warm-up")
-    res = {"rows": args.rows, "executor": args.executor, "setting": args.setting, "rss_baseline_mib": rss_mib()}
-    out = work / f"out_{args.setting}_{args.executor}"
-    C.fresh_dir(out)
-    attr = str(work / "attribution")
+    res = {"rows": args.rows, "executor": args.executor, "setting": args.setting, "rss_baseline_mib": C.peak_rss_mib()}
     tracemalloc.start()
     for stage in ("partition", "prune"):
         tracemalloc.reset_peak()
@@ -124,73 +115,67 @@ def child(args) -> None:
         s = time.perf_counter()
         if stage == "partition":
             summary = partition.run(
-                attr, str(out / "partition"), cfg.partition, cfg.detection, 0, args.rows, 10, None, executor, log
+                out.stage("attribution"),
+                out.stage("partition"),
+                cfg.partition,
+                cfg.detection,
+                0,
+                args.rows,
+                NUM_CLASSES,
+                None,
+                executor,
+                log,
             )
             res["detection_f1"] = summary.get("detection", {}).get("f1")
         else:
-            prune.run(args.model, attr, str(out / "partition"), str(out / "prune"), cfg.prune, executor, log)
+            attribution, partitioned = out.stage("attribution"), out.stage("partition")
+            prune.run(args.model, attribution, partitioned, out.stage("prune"), cfg.prune, executor, log)
         res[f"{stage}_seconds"] = time.perf_counter() - s
         res[f"{stage}_tracemalloc_peak_mib"] = tracemalloc.get_traced_memory()[1] / 2**20
-        res[f"{stage}_rss_peak_mib"] = rss_mib()
+        res[f"{stage}_rss_peak_mib"] = C.peak_rss_mib()
         res[f"{stage}_loadavg"] = [load, C.loadavg()]
     executor.close()
-    print("RESULT " + json.dumps(res), flush=True)
+    C.child_result(res)
 
 
 def main() -> None:
-    parser = C.quick_flag()
-    parser.add_argument("--child", action="store_true")
-    parser.add_argument("--rows", type=int)
-    parser.add_argument("--executor", default="local")
-    parser.add_argument("--setting", default="attribution")
-    parser.add_argument("--workdir")
-    parser.add_argument("--model")
+    parser = C.parser(__doc__)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--executor", default="local", help=argparse.SUPPRESS)
+    parser.add_argument("--setting", default="attribution", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--sizes", default="20000,200000")
     parser.add_argument("--executors", default="local,ray")
     parser.add_argument("--settings", default="attribution,auto")
     args = parser.parse_args()
     if args.child:
         return child(args)
-    started, load_start = time.perf_counter(), C.loadavg()
-    sizes = [500, 5000] if args.quick else [int(s) for s in args.sizes.split(",")]
-    executors = ["local"] if args.quick else args.executors.split(",")
-    settings = ["attribution"] if args.quick else args.settings.split(",")
-    src = source_run(args.quick)
-    model = src / "initial" / "model.pt"
+    b = C.Bench.start("scale", args)
+    sizes = [500, 5000] if b.quick else [int(s) for s in args.sizes.split(",")]
+    executors = ["local"] if b.quick else args.executors.split(",")
+    settings = ["attribution"] if b.quick else args.settings.split(",")
+    src = source_run(b)
     results = []
     for rows in sizes:
-        work = C.RUNS / ("scale_quick" if args.quick else "scale") / str(rows)
-        print(f"== replicate {rows} rows from {src}", C.loadavg(), flush=True)
-        replicate(src, rows, work)
+        work = b.runs(str(rows))
+        print(f"== replicate {rows} rows from {src.root}", C.loadavg(), flush=True)
+        replicate(src, rows, RunLayout(str(work.resolve())))
         for setting in settings:
             for ex in executors:
                 print(f"== {rows} {setting} {ex}", C.loadavg(), flush=True)
-                cmd = [
-                    sys.executable,
+                res = C.run_child(
                     __file__,
-                    "--child",
-                    "--rows",
-                    str(rows),
-                    "--executor",
-                    ex,
-                    "--setting",
-                    setting,
-                    "--workdir",
-                    str(work),
-                    "--model",
-                    str(model),
-                    "--threads",
-                    str(args.threads),
-                ]
-                p = subprocess.run(
-                    cmd, capture_output=True, text=True, cwd=C.ROOT, env={**os.environ, "PYTHONPATH": str(C.ROOT)}
+                    [
+                        *("--rows", str(rows), "--executor", ex, "--setting", setting, "--workdir", str(work)),
+                        *("--model", src.model("initial"), "--threads", str(args.threads), "--data", b.data),
+                    ],
                 )
-                line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-                if p.returncode != 0 or not line:
-                    print(p.stdout[-2000:], p.stderr[-4000:])
-                    results.append({"rows": rows, "executor": ex, "setting": setting, "error": p.stderr[-1500:]})
-                    continue
-                results.append(json.loads(line[0][7:]))
+                if "error" in res:
+                    res = {"rows": rows, "executor": ex, "setting": setting, **res}
+                results.append(res)
                 print("   ", results[-1], flush=True)
     table, goal_rows = [], []
     for r in results:
@@ -221,27 +206,27 @@ def main() -> None:
             )
             if len(rs) < 2:
                 continue
-            a, b = rs[0], rs[-1]
-            growth = b["prune_rss_peak_mib"] / a["prune_rss_peak_mib"] - 1
-            d_a = a["prune_rss_peak_mib"] - a["rss_baseline_mib"]
-            d_b = b["prune_rss_peak_mib"] - b["rss_baseline_mib"]
-            tm = max(b["partition_tracemalloc_peak_mib"], b["prune_tracemalloc_peak_mib"]) / max(
-                a["partition_tracemalloc_peak_mib"], a["prune_tracemalloc_peak_mib"]
+            small, big = rs[0], rs[-1]
+            growth = big["prune_rss_peak_mib"] / small["prune_rss_peak_mib"] - 1
+            d_small = small["prune_rss_peak_mib"] - small["rss_baseline_mib"]
+            d_big = big["prune_rss_peak_mib"] - big["rss_baseline_mib"]
+            tm = max(big["partition_tracemalloc_peak_mib"], big["prune_tracemalloc_peak_mib"]) / max(
+                small["partition_tracemalloc_peak_mib"], small["prune_tracemalloc_peak_mib"]
             )
             goal_rows.append(
                 [
-                    f"{setting}, {ex}: driver peak memory grows < 10% for {b['rows'] // a['rows']}x samples",
-                    f"peak RSS {a['prune_rss_peak_mib']:.0f} -> {b['prune_rss_peak_mib']:.0f} MiB "
+                    f"{setting}, {ex}: driver peak memory grows < 10% for {big['rows'] // small['rows']}x samples",
+                    f"peak RSS {small['prune_rss_peak_mib']:.0f} -> {big['prune_rss_peak_mib']:.0f} MiB "
                     f"({100 * growth:+.0f}%); "
-                    f"above baseline {d_a:.0f} -> {d_b:.0f} MiB; tracemalloc peak x{tm:.1f}; "
-                    f"time partition x{b['partition_seconds'] / a['partition_seconds']:.1f}, "
-                    f"prune x{b['prune_seconds'] / a['prune_seconds']:.1f}",
+                    f"above baseline {d_small:.0f} -> {d_big:.0f} MiB; tracemalloc peak x{tm:.1f}; "
+                    f"time partition x{big['partition_seconds'] / small['partition_seconds']:.1f}, "
+                    f"prune x{big['prune_seconds'] / small['prune_seconds']:.1f}",
                     growth < 0.10,
                 ]
             )
     body = "\n".join(
         [
-            f"Source shards: `{src.relative_to(C.ROOT)}/attribution` (replicated with 1% jitter).",
+            f"Source shards: `{C.shown(src.stage('attribution'))}` (replicated with 1% jitter).",
             "",
             C.md_table(
                 [
@@ -261,16 +246,13 @@ def main() -> None:
                 table,
             ),
             "",
-            "## Against the goal",
-            "",
-            C.md_table(["goal", "measured", "met"], goal_rows),
+            *C.goals_md(goal_rows),
         ]
     )
-    C.write_results(
-        "scale" + ("_quick" if args.quick else ""),
+    b.write(
         "Scale: driver memory and time, 10x samples",
         body,
-        {"results": results, "source": str(src)},
+        {"results": results, "source": src.root},
         {
             "sizes": sizes,
             "executors": executors,
@@ -278,8 +260,6 @@ def main() -> None:
             "torch_threads": args.threads,
             "seed": 0,
         },
-        started,
-        load_start,
     )
 
 

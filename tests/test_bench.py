@@ -1,0 +1,160 @@
+"""Every benchmark's --quick form, run as a user runs it (``python bench/<name>.py --quick``) with its
+results and runs in a temporary folder: the result files are written there, hold the expected
+sections and finite numbers where numbers belong, and the committed results in bench/results are
+left alone. (Without Fashion-MNIST installed the scripts run on digits; the files say which.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+pytestmark = pytest.mark.slow
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_quick(name: str, tmp_path: Path, runs: bool = True) -> tuple[dict, str]:
+    """``bench/<name>.py --quick`` into tmp_path -> (its json, its markdown)."""
+    results = tmp_path / "results"
+    cmd = [sys.executable, str(BENCH / f"{name}.py"), "--quick", "--results", str(results)]
+    if runs:
+        cmd += ["--runs", str(tmp_path / "runs")]
+    # The raypipe of this checkout, whatever the interpreter has installed.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    committed = _snapshot(BENCH / "results")
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"{name} --quick failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+    assert _snapshot(BENCH / "results") == committed, "a --results run changed bench/results"
+    assert sorted(f.name for f in results.iterdir()) == [f"{name}_quick.json", f"{name}_quick.md"]
+    data = json.loads((results / f"{name}_quick.json").read_text())
+    md = (results / f"{name}_quick.md").read_text()
+    meta = data["meta"]
+    assert meta["dataset"] in ("fashion-mnist", "digits")
+    assert "--quick" in meta["command"] and meta["wall_seconds"] > 0
+    assert md.startswith("# ") and "\nData: " in md and "## Against the goal" in md
+    return data, md
+
+
+def finite(value, low: float = -math.inf, high: float = math.inf) -> bool:
+    """A real number (not a bool, not NaN or inf) within [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value) and low <= value <= high
+
+
+def accuracy(value) -> bool:
+    return finite(value, 0.0, 1.0)
+
+
+def test_paper_table1_quick(tmp_path):
+    data, md = run_quick("paper_table1", tmp_path)
+    assert set(data) == {"meta", "per_seed", "paper", "goals", "timings"}
+    (seed,) = data["per_seed"]
+    assert set(seed["routes"]) == {"initial", "l_ft", "f_ft", "retrain", "oracle"}
+    for route in seed["routes"].values():
+        assert accuracy(route["accuracy"]) and accuracy(route["macro_f1"]) and finite(route["seconds_total"], 0)
+    assert all(accuracy(seed["detection"][k]) for k in ("precision", "recall", "f1", "auroc"))
+    assert seed["partition"]["n_clean"] + seed["partition"]["n_noisy"] == 1000
+    # Every stage ran in this fresh run, each with its CPU seconds.
+    assert set(seed["stages_cpu_seconds"]) == set(seed["stages_seconds"])
+    assert all(finite(v, 0) for v in seed["stages_cpu_seconds"].values())
+    for key in ("f_ft_over_retrain_accuracy", "repair_over_retrain_f_ft", "repair_over_retrain_f_ft_cpu"):
+        assert finite(data["goals"][key], 0), key
+    assert isinstance(data["goals"]["goal_accuracy_met"], bool)
+    assert "| accuracy |" in md
+
+
+def test_label_noise_quick(tmp_path):
+    data, md = run_quick("label_noise", tmp_path)
+    assert set(data) == {"meta", "results"}
+    res = data["results"]["sym40"]
+    assert accuracy(res["initial"]["accuracy"]) and accuracy(res["oracle"]["accuracy"])
+    assert res["n_train"] == 1000 and 0 < res["n_corrupted"] < 1000
+    # The Oracle trained on the truly clean samples only.
+    assert res["oracle"]["n_train"] == res["n_train"] - res["n_corrupted"]
+    assert set(res["rows"]) == {"auto", "knn", "attr:loss"}
+    for name, row in res["rows"].items():
+        assert all(accuracy(row[k]) for k in ("precision", "recall", "f1", "auroc", "l_ft", "f_ft")), name
+        assert finite(row["gap_f_ft"]) and finite(row["repair_seconds_f_ft"], 0), name
+    assert res["rows"]["auto"]["stages_skipped"] == []
+    assert "data" in res["rows"]["knn"]["stages_skipped"]  # the variant reused the base run's data stage
+    assert all(finite(v, 0) for v in res["rows"]["auto"]["stages_cpu_seconds"].values())
+    curve = res["f_ft_curve"]
+    assert set(curve) == {"pruned", "unpruned"}
+    for by_epochs in curve.values():
+        assert set(by_epochs) == {"1", "2"} and all(len(a) == 2 and all(map(accuracy, a)) for a in by_epochs.values())
+    assert "## sym40" in md
+
+
+def test_detection_vs_cleanlab_quick(tmp_path):
+    pytest.importorskip("cleanlab")
+    data, md = run_quick("detection_vs_cleanlab", tmp_path)
+    assert set(data) == {"meta", "results"}
+    res = data["results"]["sym40"]
+    assert set(res["raypipe"]) == {"auto", "knn"}
+    for method in [*res["raypipe"].values(), res["cleanlab"]]:
+        assert all(accuracy(method[k]) for k in ("precision", "recall", "f1", "auroc"))
+        assert finite(method["seconds_total"], 0)
+    assert len(res["cleanlab"]["seconds_folds"]) == 3
+    assert "cleanlab 3-fold" in md
+
+
+def test_attribution_cost_quick(tmp_path):
+    data, md = run_quick("attribution_cost", tmp_path, runs=False)
+    assert set(data) == {"meta", "runs"}
+    assert [r["model"] for r in data["runs"]] == ["cnn_small", "resnet18_cifar"]
+    for run in data["runs"]:
+        # raypipe's batched paper rule equals the published per-class backward pass.
+        assert finite(run["max_abs_diff_published_vs_raypipe"], 0, 1e-4)
+        assert "inference (no_grad forward)" in run["methods"]
+        for method, m in run["methods"].items():
+            assert finite(m["samples_per_s"], 0) and finite(m["x_inference"], 0), method
+    assert "## cnn_small" in md
+
+
+def test_scale_quick(tmp_path):
+    data, md = run_quick("scale", tmp_path)
+    assert set(data) == {"meta", "results", "source"}
+    assert [(r["rows"], r["executor"]) for r in data["results"]] == [(500, "local"), (5000, "local")]
+    for r in data["results"]:
+        assert "error" not in r, r.get("error")
+        for key in ("rss_baseline_mib", "partition_rss_peak_mib", "prune_rss_peak_mib", "partition_seconds"):
+            assert finite(r[key], 0), key
+        assert r["prune_rss_peak_mib"] >= r["rss_baseline_mib"]
+    assert "driver peak memory grows" in md
+
+
+@pytest.mark.ray
+def test_ray_vs_local_quick(tmp_path):
+    data, md = run_quick("ray_vs_local", tmp_path)
+    assert set(data) == {"meta", "runs", "ratios", "attribution_samples_per_s", "driver_peak_rss_mib"}
+    assert [r["executor"] for r in data["runs"]] == ["local", "ray"]
+    for run in data["runs"]:  # --quick: no route after the Initial (each Ray Train route costs ~25 s)
+        assert run["stages_ran"] == ["data", "initial", "attribution", "partition", "prune"]
+        assert accuracy(run["accuracy"]["initial"]) and finite(run["total_seconds"], 0)
+    assert all(finite(v, 0) for v in data["ratios"].values())
+    assert all(finite(v, 0) for v in data["attribution_samples_per_s"].values())
+    assert "**total wall**" in md
+
+
+def test_missing_fashion_mnist(monkeypatch, tmp_path):
+    """--quick falls back to digits; a full run stops with the line that installs the data."""
+    spec = importlib.util.spec_from_file_location("bench_common", BENCH / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, common)  # its dataclasses look their module up there
+    spec.loader.exec_module(common)
+    monkeypatch.setattr(common, "DEBIAN_FASHION_MNIST", tmp_path / "fashion-mnist")
+    assert common.choose_data(quick=True) == "digits"
+    with pytest.raises(SystemExit, match="apt-get install -y dataset-fashion-mnist"):
+        common.choose_data(quick=False)
