@@ -436,19 +436,6 @@ def oracle(cfg: Config, base: Path, out: Path, log: Callable[[str], None] = prin
     return metrics
 
 
-def train_arrays(model, x: np.ndarray, y: np.ndarray, cfg, route: str, seed: int, device: str = "cpu"):
-    """raypipe's one training loop on in-memory arrays (`InMemory`, `prepare`, `fit`: what
-    `raypipe.stages.train.train_route` runs, without its files) -> its LoopState."""
-    import torch
-
-    from raypipe.training.loop import InMemory, fit, prepare
-
-    dev = torch.device(device)
-    data = InMemory.from_arrays(x, y, np.arange(len(y)), cfg.batch_size, seed)
-    trainee, optimizer, data = prepare(model, route, cfg, data, dev)
-    return fit(trainee, optimizer, data, cfg.epochs, route, dev)
-
-
 def run_child(script: str, args: list[str]) -> dict[str, Any]:
     """`python <script> --child <args>` in a fresh process (so its peak RSS is its own) -> the JSON it
     printed on its `RESULT ` line, or {"error": ...} when it failed."""

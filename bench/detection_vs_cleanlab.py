@@ -52,7 +52,7 @@ def cleanlab_detect(cfg, run: RunLayout, folds: int, seed: int, log) -> dict:
 
     from raypipe.core.models import build_model
     from raypipe.stages.data import read_split
-    from raypipe.training.loop import predict_logits
+    from raypipe.training.loop import predict_logits, train_arrays
 
     train = read_split(run.stage("data"), "train")  # the noisy training split, with its ground truth
     device = torch.device("cpu")
@@ -63,7 +63,7 @@ def cleanlab_detect(cfg, run: RunLayout, folds: int, seed: int, log) -> dict:
         s = time.perf_counter()
         torch.manual_seed(seed + k)
         model = build_model(cfg.model, train.sample_shape, train.num_classes)
-        res = C.train_arrays(model, train.x[tr], train.label[tr], cfg.initial, "initial", seed + k)
+        res = train_arrays(model, train.x[tr], train.label[tr], cfg.initial, "initial", seed=seed + k)
         logits = predict_logits(model, train.x[ho], 1024, device)
         probs[ho] = torch.tensor(logits).double().softmax(1).numpy()
         fold_seconds.append(time.perf_counter() - s)

@@ -230,6 +230,11 @@ class Run:
             self.log(f"[{stage.name}] up to date, skipped")
             self.manifests[stage.name] = manifest
             return manifest
+        if stage.name in self.layout.shared:  # never recompute a folder other runs read
+            raise RaypipeError(
+                f"stage '{stage.name}' in the shared folder '{stage_uri}' does not match this run's settings; "
+                "run the stages that own it first (a sweep's base) or use another output folder"
+            )
         pending_uri = storage.join(stage_uri, layout.PENDING)
         resumable = storage.exists(pending_uri) and storage.read_json(pending_uri).get("fingerprint") == fp
         if not resumable or forced:

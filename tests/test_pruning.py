@@ -10,8 +10,7 @@ from raypipe.config import ModelConfig, TrainConfig
 from raypipe.core.models import ProbedModel, build_model, model_signature
 from raypipe.core.pruning import prune_neurons, pruned_mask
 from raypipe.training.checkpoint import load_model, save_model
-
-from helpers import train_arrays
+from raypipe.training.loop import train_arrays
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -27,6 +27,7 @@ import pytest
 
 from raypipe import layout, storage
 from raypipe.config import load_config
+from raypipe.errors import RaypipeError
 from raypipe.executors import LocalExecutor
 from raypipe.layout import PENDING, RunLayout
 from raypipe.pipeline import Run, Stage
@@ -161,6 +162,19 @@ def test_finished_stage_rerun_with_other_settings_is_unfinished_until_done(tmp_p
     ran = []
     _run_stage(out, "partition", {"tau": 0.5}, lambda uri: ran.append(uri) or {})
     assert ran and _stage_files(out, "partition") == [storage.MANIFEST]
+
+
+def test_a_shared_stage_is_never_recomputed_in_its_folder(tmp_path):
+    """A sweep trial reads the sweep's shared stages; settings that do not match them stop the run
+    instead of clearing and recomputing a folder other runs read."""
+    owner = tmp_path / "base"
+    _run_stage(owner, "partition", {"tau": 0.5}, lambda uri: storage.write_bytes(uri + "/a", b"shared") or {})
+    stage = Stage("partition", (), lambda cfg: {"tau": 0.3}, lambda run, uri: {})
+    trial = RunLayout(str(tmp_path / "trial"), {"partition": str(owner / "partition")})
+    with pytest.raises(RaypipeError, match="shared folder"):
+        Run(load_config(None, []), trial, LocalExecutor(**QUIET), **QUIET).run_stage(stage)
+    assert (owner / "partition" / "a").read_bytes() == b"shared"
+    assert storage.read_manifest(str(owner / "partition"))["settings"] == {"tau": 0.5}
 
 
 # ---------------------------------------------------------------------------------------------

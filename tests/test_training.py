@@ -11,9 +11,7 @@ from torch import nn
 from raypipe.config import ModelConfig, TrainConfig
 from raypipe.core.metrics import classification_metrics
 from raypipe.core.models import ProbedModel, build_model
-from raypipe.training.loop import Callback, InMemory, evaluate, predict_logits
-
-from helpers import train_arrays
+from raypipe.training.loop import Callback, InMemory, evaluate, predict_logits, train_arrays
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -249,6 +249,24 @@ def fit(
     return state
 
 
+def train_arrays(
+    model: ProbedModel,
+    x: np.ndarray,
+    y: np.ndarray,
+    cfg: TrainConfig,
+    route: str,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    callbacks: Sequence[Callback] = (),
+) -> LoopState:
+    """Arrays in, trained model: x [N, *shape], y [N] through `prepare` and `fit` (what a training stage
+    runs, without its files, checkpoints or data shards) -> the loop's state."""
+    device = torch.device(device)
+    data = InMemory.from_arrays(x, y, np.arange(len(y)), cfg.batch_size, seed)
+    trainee, optimizer, data = prepare(model, route, cfg, data, device)
+    return fit(trainee, optimizer, data, cfg.epochs, route, device, callbacks=callbacks)
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation.
 
