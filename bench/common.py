@@ -34,9 +34,10 @@ from typing import Any
 import numpy as np
 
 from raypipe import pipeline
+from raypipe.api import make_executor
 from raypipe.config import Config, load_config
 from raypipe.data.sources import DEBIAN_FASHION_MNIST
-from raypipe.executors import LocalExecutor, make_executor
+from raypipe.executors import LocalExecutor
 from raypipe.layout import RunLayout, shard_name
 
 ROOT = Path(__file__).resolve().parent.parent

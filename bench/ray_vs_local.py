@@ -28,7 +28,7 @@ EXECUTORS = ("local", "ray")
 def child(args) -> None:
     """One executor's whole run in this (fresh) process; prints its RESULT line."""
     C.set_threads(args.threads)
-    from raypipe.executors import make_executor
+    from raypipe.api import make_executor
     from raypipe.report.report import write_report
 
     cfg = C.config(json.loads(args.overrides), args.data)

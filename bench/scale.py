@@ -95,7 +95,7 @@ def child(args) -> None:
     import tracemalloc
 
     C.set_threads(args.threads)
-    from raypipe.executors import make_executor
+    from raypipe.api import make_executor
     from raypipe.stages import partition, prune
 
     overrides = [*SETTINGS[args.setting], f"run.executor={args.executor}", "model.name=mlp", "ray.address=local"]
