@@ -34,9 +34,9 @@ def run(config: Config, out: str, from_stage: str | None = None, log=print) -> d
     Finished stages whose settings and inputs are unchanged are skipped; `from_stage` reruns that
     stage and everything after it. Returns the report (also written to ``<out>/report.json``).
     """
-    out = storage.absolute(out)
     pipeline.check_from(from_stage)
     preflight(config, out, pipeline.STAGE_NAMES)  # writes nothing: a bad input stops here, before any work
+    out = storage.absolute(out)
     with RunLock(RunLayout(out).lock_file, log):
         executor = make_executor(config, log)
         try:
@@ -51,9 +51,9 @@ def run_sweep(config, out: str, log=print) -> dict[str, Any]:
     `raypipe.load_sweep_config`) under `out`; returns the trials' rows, the best trial and its report."""
     from raypipe.distributed import tune  # imports Ray
 
-    out = storage.absolute(out)
     shared = ["base/data", "base/initial", *(f"base/{rule}/attribution" for rule in config.sweep.rules)]
     preflight(config, out, tuple(shared), prune_fractions=config.sweep.prune_fraction)
+    out = storage.absolute(out)
     with RunLock(SweepLayout(out).lock_file, log):
         executor = make_executor(config, log)  # for the shared stages, before any trial
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from raypipe import storage
 from raypipe.config import Config, DataConfig, ModelConfig
 from raypipe.core.models import build_model, check_signature, saved_signature
 from raypipe.core.pruning import check_prune_fraction
+from raypipe.data.noise import check_pairs
 from raypipe.errors import ConfigError, RaypipeError, StorageError
 
 # The least free space a run starts with: the default digits run writes about 25 MiB.
@@ -38,6 +40,8 @@ def preflight(config: Config, out: str, stage_names: tuple[str, ...] = (), prune
     folders a run may clear under `out`; `prune_fractions`: a sweep's (default: prune.fraction)."""
     check_settings(config, prune_fractions)
     check_device(config.run.device)
+    if config.run.executor == "ray" or prune_fractions is not None:  # a sweep always runs on Ray
+        check_reachable(config.ray.address or os.environ.get("RAY_ADDRESS"))
     check_output_folder(out, stage_names)
     check_inputs_outside(config, out, stage_names)
     if config.model.checkpoint is not None:
@@ -83,6 +87,7 @@ def check_settings(config: Config, prune_fractions=None) -> None:
             f"config key 'data.download': '{data.source}' cannot be downloaded (only {list(DOWNLOADABLE)}); "
             "unset data.download"
         )
+    check_pairs(config.noise, data.source)
     key, fractions = "prune.fraction", [config.prune.fraction]
     if prune_fractions is not None:
         key, fractions = "sweep.prune_fraction", prune_fractions
@@ -108,6 +113,25 @@ def check_device(device: str) -> None:
         )
 
 
+def unreachable(address: str | None, why: str) -> RaypipeError:
+    return RaypipeError(
+        f"cannot connect to the Ray cluster at '{address}' ({why}); check ray.address / RAY_ADDRESS, or unset both "
+        "to start a local Ray"
+    )
+
+
+def check_reachable(address: str | None, timeout_s: float = 10.0) -> None:
+    """A cluster address host:port that accepts no connection fails here at once (ray.init would retry it
+    for minutes). `auto`, `local` and client URIs (ray://) are left to Ray."""
+    if not address or address in ("auto", "local") or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        raise unreachable(address, getattr(e, "strerror", None) or str(e)) from None
+
+
 # ---------------------------------------------------------------------------------------------
 # The output folder and the inputs.
 
@@ -115,6 +139,8 @@ def check_device(device: str) -> None:
 def check_output_folder(out: str, stage_names: tuple[str, ...] = ()) -> None:
     """`out` can be created (or is a folder), can be written, has MIN_FREE_BYTES free, and holds no folder
     of a stage's name that raypipe did not write (a rerun clears stage folders: never someone's files)."""
+    if not out.strip():
+        raise StorageError("--out is empty; name the run's folder, e.g. --out runs/digits")
     if "://" in out:
         fs, path = storage.resolve(out)  # an unknown scheme is one line already
         try:

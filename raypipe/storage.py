@@ -144,6 +144,8 @@ def read_bytes(uri: str) -> bytes:
             return f.read()
     except FileNotFoundError:
         raise RaypipeError(f"file '{uri}' does not exist") from None
+    except OSError as e:  # a folder, no permission, an object store refusing
+        raise RaypipeError(f"file '{uri}' cannot be read ({_first_line(e)})") from None
 
 
 def write_json(uri: str, obj: Any) -> None:
@@ -198,7 +200,12 @@ def load_torch(uri: str) -> Any:
                 "raypipe loads only tensors and plain containers (torch.load(weights_only=True)); re-save it with "
                 "raypipe (model.pt) from a trusted copy"
             ) from None
-        raise CheckpointError(f"checkpoint '{uri}' cannot be loaded safely: {str(e).splitlines()[0]}") from None
+        if "Weights only load failed" in str(e):  # no code in it: not a checkpoint, or cut short
+            raise CheckpointError(
+                f"checkpoint '{uri}' is not a torch checkpoint, or is damaged (cannot be unpickled as weights); "
+                "use the model.pt that raypipe wrote"
+            ) from None
+        raise CheckpointError(f"checkpoint '{uri}' cannot be loaded: {_first_line(e)}") from None
 
 
 def file_digest(uri: str) -> str:

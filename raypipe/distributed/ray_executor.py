@@ -24,6 +24,7 @@ import ray
 from raypipe.config import Config
 from raypipe.distributed.resources import Plan, plan_resources
 from raypipe.errors import RaypipeError, user_errors_unwrapped
+from raypipe.preflight import unreachable
 from raypipe.stages.attribution import ShardAttributor
 from raypipe.stages.train import TrainRequest
 
@@ -44,11 +45,7 @@ def init_ray(address: str | None, log=print) -> None:
     try:
         ray.init(address=address, log_to_driver=True, logging_level="WARNING")
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise RaypipeError(
-            f"cannot connect to the Ray cluster at '{address}' ({first}); check ray.address / RAY_ADDRESS, or "
-            "unset both to start a local Ray"
-        ) from None
+        raise unreachable(address, (str(e).strip().splitlines() or [type(e).__name__])[0]) from None
     log(f"[ray] connected: {ray.cluster_resources()}")
 
 

@@ -144,7 +144,7 @@ def train_route(request: TrainRequest, data: EpochData, sample_shape, num_classe
         val = samples_from_table(storage.read_table(request.val_uri))
         callbacks.append(Validate(model, val.x, val.label, worker.device))
     checkpoint = layout.checkpoint_file(request.out_uri)
-    state = restore(checkpoint, model, signature, optimizer, callbacks)
+    state = restore(checkpoint, model, signature, optimizer, callbacks, worker.log)
     callbacks.append(SaveCheckpoint(checkpoint, model, signature, optimizer, list(callbacks), worker.rank == 0))
     if worker.report is not None:
         callbacks.append(Report(worker.report))
