@@ -22,15 +22,14 @@ import torch
 
 from raypipe import storage
 from raypipe.config import Config, DataConfig, ModelConfig
+from raypipe.core.mixture import MIN_FIT_ROWS
 from raypipe.core.models import build_model, check_signature, saved_signature
 from raypipe.core.pruning import check_prune_fraction
 from raypipe.data.noise import check_pairs
 from raypipe.errors import ConfigError, RaypipeError, StorageError
 
-# The least free space a run starts with: the default digits run writes about 25 MiB.
+# The least free space a run starts with (the default digits run writes 2.4 MiB; larger data sets more).
 MIN_FREE_BYTES = 64 * 2**20
-# The partition fits a 2-component mixture on the training samples: fewer than this leaves it nothing to fit.
-MIN_TRAIN_ROWS = 20
 # The sources torchvision can fetch (data.download).
 DOWNLOADABLE = ("mnist", "fashion-mnist", "cifar10")
 
@@ -230,12 +229,12 @@ def check_given_checkpoint(cfg: Config) -> None:
 def check_against_data(config: Config, data: dict[str, Any]) -> None:
     """`data` is the data stage's summary: sizes the detection needs, and a model that takes the samples."""
     n_train, classes, shape = data["rows"]["train"], data["num_classes"], tuple(data["sample_shape"])
-    if n_train < MIN_TRAIN_ROWS:
+    if n_train < MIN_FIT_ROWS:
         cap = config.data.max_train_samples
         fix = f"raise data.max_train_samples (now {cap})" if cap is not None else "add data"
         raise ConfigError(
-            f"config key 'data.max_train_samples': the training split holds {n_train} samples, and telling the bad "
-            f"ones from the good needs at least {MIN_TRAIN_ROWS}; {fix}"
+            f"config key 'data.max_train_samples': the training split holds {n_train} samples, and the partition's "
+            f"mixture needs at least {MIN_FIT_ROWS}; {fix}"
         )
     det = config.detection
     reference = min(n_train, det.max_reference)

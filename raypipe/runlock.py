@@ -58,20 +58,24 @@ class RunLock:
         self._fd: int | None = None
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        self.folder, self._created = uri.rsplit("/", 1)[0], False
 
     def __enter__(self) -> RunLock:
-        folder = self.uri.rsplit("/", 1)[0]
-        storage.makedirs(folder)
-        self._acquire_marker() if self.marker else self._acquire_local()
+        self._created = not storage.exists(self.folder)
+        storage.makedirs(self.folder)
+        try:
+            self._acquire_marker() if self.marker else self._acquire_local()
+        except BaseException:
+            self._remove_if_empty()
+            raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
 
     def _busy(self, holder: Any, extra: str = "") -> StorageError:
-        folder = self.uri.rsplit("/", 1)[0]
         return StorageError(
-            f"another raypipe run ({describe(holder)}{extra}) is writing to '{folder}'; wait for it to end, "
+            f"another raypipe run ({describe(holder)}{extra}) is writing to '{self.folder}'; wait for it to end, "
             "or use another --out"
         )
 
@@ -133,7 +137,18 @@ class RunLock:
 
     # -----------------------------------------------------------------------------------------
 
+    def _remove_if_empty(self) -> None:
+        """A run that stopped before writing anything leaves no folder it made (a local folder only: object
+        stores have no empty folders)."""
+        if self._created and "://" not in self.folder:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.folder)  # fails, as it should, when anything is in it
+
     def release(self) -> None:
+        self._release()
+        self._remove_if_empty()
+
+    def _release(self) -> None:
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.remove(self.uri)  # while still holding it: a waiting run then locks a new file
