@@ -328,7 +328,11 @@ class Run:
         if owner == running:
             storage.remove_tree(error.uri)
             return RaypipeError(f"{error}; it was removed: rerun the same command to compute it again")
-        storage.remove_tree(storage.join(self.layout.stage(owner), layout.MANIFEST))
+        owner_uri = self.layout.stage(owner)
+        revision = int((storage.read_manifest(owner_uri) or {}).get("revision", 0)) + 1  # so the stages after rerun
+        mark = {"fingerprint": None, "revision": revision, "damaged": error.uri}
+        storage.write_json(storage.join(owner_uri, layout.PENDING), mark)
+        storage.remove_tree(storage.join(owner_uri, layout.MANIFEST))  # after the pending mark: never a bare folder
         return RaypipeError(f"{error}; stage '{owner}' is now unfinished: rerun the same command to compute it again")
 
 
