@@ -52,7 +52,7 @@ def run_sweep(config, out: str, log=print) -> dict[str, Any]:
     from raypipe.distributed import tune  # imports Ray
 
     shared = ["base/data", "base/initial", *(f"base/{rule}/attribution" for rule in config.sweep.rules)]
-    preflight(config, out, tuple(shared), prune_fractions=config.sweep.prune_fraction)
+    preflight(config, out, tuple(shared), sweep=True)
     out = storage.absolute(out)
     with RunLock(SweepLayout(out).lock_file, log):
         executor = make_executor(config, log)  # for the shared stages, before any trial

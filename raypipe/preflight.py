@@ -26,6 +26,7 @@ from raypipe.core.mixture import MIN_FIT_ROWS
 from raypipe.core.models import build_model, check_signature, saved_signature
 from raypipe.core.pruning import check_prune_fraction
 from raypipe.data.noise import check_pairs
+from raypipe.data.parquet_source import check_columns
 from raypipe.errors import ConfigError, RaypipeError, StorageError
 
 # The least free space a run starts with (the default digits run writes 2.4 MiB; larger data sets more).
@@ -34,12 +35,12 @@ MIN_FREE_BYTES = 64 * 2**20
 DOWNLOADABLE = ("mnist", "fashion-mnist", "cifar10")
 
 
-def preflight(config: Config, out: str, stage_names: tuple[str, ...] = (), prune_fractions=None) -> None:
+def preflight(config: Config, out: str, stage_names: tuple[str, ...] = (), sweep: bool = False) -> None:
     """Every check that needs neither the data nor any work; writes nothing. `stage_names`: the stage
-    folders a run may clear under `out`; `prune_fractions`: a sweep's (default: prune.fraction)."""
-    check_settings(config, prune_fractions)
+    folders a run may clear under `out`; `sweep`: `config` is a sweep's (its `sweep:` section is checked too)."""
+    check_settings(config, sweep)
     check_device(config.run.device)
-    if config.run.executor == "ray" or prune_fractions is not None:  # a sweep always runs on Ray
+    if config.run.executor == "ray" or sweep:  # a sweep always runs on Ray
         check_reachable(config.ray.address or os.environ.get("RAY_ADDRESS"))
     check_output_folder(out, stage_names)
     check_inputs_outside(config, out, stage_names)
@@ -56,7 +57,7 @@ def _first_line(e: BaseException) -> str:
 # Settings.
 
 
-def check_settings(config: Config, prune_fractions=None) -> None:
+def check_settings(config: Config, sweep: bool = False) -> None:
     """Settings that contradict each other, do nothing for this source, or leave nothing to prune."""
     data, det = config.data, config.detection
     if data.source != "parquet":
@@ -68,14 +69,7 @@ def check_settings(config: Config, prune_fractions=None) -> None:
                     f"'{data.source}'; unset it (or set data.source=parquet)"
                 )
     else:
-        if data.image_column == data.label_column:
-            raise ConfigError(
-                f"config key 'data.image_column': '{data.image_column}' is also data.label_column; name the column "
-                "of the images (or features) and the column of the labels"
-            )
-        for key in ("image_column", "label_column"):
-            if getattr(data, key) == "sample_id":
-                raise ConfigError(f"config key 'data.{key}': 'sample_id' is the sample id column; name another")
+        check_columns(data)
     if data.source == "digits" and data.path is not None:
         raise ConfigError(
             "config key 'data.path': data.source=digits is built in and reads no files; unset data.path, or set "
@@ -87,9 +81,9 @@ def check_settings(config: Config, prune_fractions=None) -> None:
             "unset data.download"
         )
     check_pairs(config.noise, data.source)
-    key, fractions = "prune.fraction", [config.prune.fraction]
-    if prune_fractions is not None:
-        key, fractions = "sweep.prune_fraction", prune_fractions
+    key, fractions = (
+        ("sweep.prune_fraction", config.sweep.prune_fraction) if sweep else ("prune.fraction", [config.prune.fraction])
+    )
     for fraction in fractions:
         check_prune_fraction(fraction, config.model.probe_width, key)
     if det.signal == "trajectory" and (config.model.checkpoint is not None or det.aum_epochs == 0):

@@ -589,3 +589,13 @@ def test_more_gpus_than_the_cluster_has(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     _one_error_line(proc.stderr, ["'ray.use_gpu'", "needs 4 GPU(s)", "ray.use_gpu=auto"], only_line=False)
     _nothing_finished(out, None)
+
+
+def test_sweep_is_checked_before_any_work_too(tmp_path, capsys):
+    """`raypipe sweep` runs the same checks before Ray starts, with its own search space: a prune fraction of
+    the space that prunes every probe neuron is refused by its key."""
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--out", str(out), "sweep.prune_fraction=[0.0,0.999]", "model.probe_width=64"]) == 2
+    line = _one_error_line(capsys.readouterr().err, ["'sweep.prune_fraction'", "0.999 prunes all 64"], True)
+    assert "use at most 0.984" in line
+    assert not out.exists()

@@ -119,16 +119,24 @@ def _image_matrix(column: pa.ChunkedArray, where: str) -> np.ndarray:
     return values.to_numpy(zero_copy_only=False).reshape(n, width)
 
 
-def read_parquet_source(cfg: DataConfig) -> tuple[SampleSet, str]:
-    """The whole table as a clean SampleSet, and a description of where it came from."""
-    if cfg.path is None:
-        raise ConfigError("config key 'data.path': source 'parquet' needs a file, directory or URI; set data.path=...")
-    where = f"parquet data '{cfg.path}'"
+def check_columns(cfg: DataConfig) -> None:
+    """The image and label columns are two columns, neither of them the sample ids."""
     if cfg.image_column == cfg.label_column:
         raise ConfigError(
             f"config key 'data.image_column': '{cfg.image_column}' is also data.label_column; name the column of "
             "the images (or features) and the column of the labels"
         )
+    for key in ("image_column", "label_column"):
+        if getattr(cfg, key) == "sample_id":
+            raise ConfigError(f"config key 'data.{key}': 'sample_id' is the sample id column; name another")
+
+
+def read_parquet_source(cfg: DataConfig) -> tuple[SampleSet, str]:
+    """The whole table as a clean SampleSet, and a description of where it came from."""
+    if cfg.path is None:
+        raise ConfigError("config key 'data.path': source 'parquet' needs a file, directory or URI; set data.path=...")
+    where = f"parquet data '{cfg.path}'"
+    check_columns(cfg)
     table = read_parquet_table(cfg.path, [cfg.image_column, cfg.label_column], ["sample_id"])
     n = table.num_rows
     if n == 0:
