@@ -18,6 +18,7 @@ import os
 import re
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -295,35 +296,44 @@ def check_outputs(stage_uri: str, recorded: dict[str, dict[str, int]]) -> str | 
 # ---------------------------------------------------------------------------------------------
 # What input files hold, for a stage's fingerprint.
 
-# Local files up to this size are hashed (SHA-256 reads ~0.5 GB/s); larger ones, and objects in object
-# stores (which would have to be downloaded), are known by size, modification time and version / ETag.
+# Local input files are hashed up to this many bytes in all (SHA-256 reads ~0.5 GB/s, so at most about half a
+# second per run); the rest, and objects in object stores (which would have to be downloaded), are known by
+# size, modification time and the store's version / ETag.
 HASH_MAX_BYTES = 256 * 2**20
 _VERSION_KEYS = {"etag", "versionid", "generation"}
 
 
 def files_fingerprint(uris: list[str]) -> list[dict[str, Any]]:
-    """For each existing file: its name, size and SHA-256 (local files up to HASH_MAX_BYTES: the content
-    itself, wherever the file lives), else its URI, size, modification time and the object store's version /
-    ETag. Missing files are left out."""
-    out = []
-    for uri in uris:
-        fs, path = resolve(uri)
-        info = fs.get_file_info(path)
-        if info.type != pafs.FileType.File:
-            continue
-        if isinstance(fs, pafs.LocalFileSystem) and info.size <= HASH_MAX_BYTES:
-            out.append({"name": info.base_name, "bytes": int(info.size), "sha256": _local_digest(path)})
-            continue
-        entry: dict[str, Any] = {"uri": uri, "bytes": int(info.size), "mtime_ns": info.mtime_ns}
-        if not isinstance(fs, pafs.LocalFileSystem):
-            with fs.open_input_stream(path) as f:
-                meta = f.metadata() or {}
-            for key, value in meta.items():
-                name = (key.decode() if isinstance(key, bytes) else str(key)).lower().replace("-", "").replace("_", "")
-                if name in _VERSION_KEYS:
-                    entry[name] = value.decode() if isinstance(value, bytes) else str(value)
-        out.append(entry)
+    """For each existing file: its name, size and SHA-256 (local files, within HASH_MAX_BYTES in all: the
+    content itself, wherever the file lives), else its URI, size, modification time and the object store's
+    version / ETag. Missing files are left out."""
+    infos = [(uri, *resolve(uri)) for uri in uris]
+    infos = [(uri, fs, fs.get_file_info(path)) for uri, fs, path in infos]
+    infos = [(uri, fs, info) for uri, fs, info in infos if info.type == pafs.FileType.File]
+    with ThreadPoolExecutor(max_workers=16) as pool:  # an object store answers one request per object
+        versions = list(pool.map(lambda item: _object_version(item[1], item[2]), infos))
+    out, hashed = [], 0
+    for (uri, fs, info), version in zip(infos, versions, strict=True):
+        if isinstance(fs, pafs.LocalFileSystem) and hashed + info.size <= HASH_MAX_BYTES:
+            hashed += info.size
+            out.append({"name": info.base_name, "bytes": int(info.size), "sha256": _local_digest(info.path)})
+        else:
+            out.append({"uri": uri, "bytes": int(info.size), "mtime_ns": info.mtime_ns, **version})
     return out
+
+
+def _object_version(fs: pafs.FileSystem, info: pafs.FileInfo) -> dict[str, str]:
+    """The version / ETag an object store gives an object ({} for local files)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return {}
+    with fs.open_input_stream(info.path) as f:
+        meta = f.metadata() or {}
+    found = {}
+    for key, value in meta.items():
+        name = (key.decode() if isinstance(key, bytes) else str(key)).lower().replace("-", "").replace("_", "")
+        if name in _VERSION_KEYS:
+            found[name] = value.decode() if isinstance(value, bytes) else str(value)
+    return found
 
 
 def _local_digest(path: str) -> str:

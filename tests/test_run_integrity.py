@@ -75,6 +75,27 @@ def test_input_fingerprint_follows_the_content(tmp_path):
     assert storage.files_fingerprint([str(path)]) != first
 
 
+def test_object_store_files_are_known_by_their_version():
+    """What pyarrow's S3 / GCS streams report (ETag, VersionId, ...) is kept; other metadata is not."""
+
+    class Stream:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def metadata(self):
+            return {b"ETag": b'"4c6a76"', b"VersionId": b"v7", b"Content-Type": b"application/octet-stream"}
+
+    class ObjectStore:
+        def open_input_stream(self, path):
+            return Stream()
+
+    info = type("Info", (), {"path": "bucket/t.parquet"})()
+    assert storage._object_version(ObjectStore(), info) == {"etag": '"4c6a76"', "versionid": "v7"}
+
+
 def test_unreadable_manifest_is_unfinished(tmp_path):
     for text in ("{not json", '["a list"]', '{"summary": {}}', "\udcff"):
         (tmp_path / "_manifest.json").write_bytes(text.encode("utf-8", "surrogateescape"))
