@@ -203,6 +203,10 @@ def check_given_checkpoint(cfg: Config) -> None:
             f"config key 'model.checkpoint': '{uri}' does not exist; point it at a raypipe checkpoint (model.pt) "
             "or unset it to train the initial model"
         )
+    if storage.is_folder(uri):
+        raise ConfigError(
+            f"config key 'model.checkpoint': '{uri}' is a folder; point it at a checkpoint file (model.pt)"
+        )
     blob = storage.load_torch(uri)
     saved = saved_signature(blob, uri)
     expect = {**saved, **{k: getattr(cfg.model, k) for k in ("name", "probe_width", "hidden_width")}}

@@ -87,6 +87,11 @@ def writing(uri: str) -> Iterator[None]:
         raise StorageError(f"cannot write '{uri}': {write_fix(e.errno)} ({_first_line(e)})") from None
 
 
+def is_folder(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
 def makedirs(uri: str) -> None:
     fs, path = resolve(uri)
     with writing(uri):

@@ -275,3 +275,19 @@ def test_shared_stage_that_is_damaged_is_not_recomputed_by_a_reader(run_copy):
     with pytest.raises(RaypipeError, match="shared folder .* is damaged .'part-00000.parquet' is missing"):
         run.run_stage(TABLE[2])
     assert storage.read_manifest(str(run_copy / "attribution")) is not None  # the owner's record is kept
+
+
+@pytest.mark.ray
+def test_damaged_file_found_in_a_ray_task_is_the_same_one_line(run_copy, capsys, ray_cluster):
+    """The prune stage reads the partition's shards in Ray tasks: the DamagedFileError raised there reaches the
+    driver as itself (not as a RayTaskError with a remote traceback), with the same line and the same repair."""
+    manifest = json.loads((run_copy / "partition" / "_manifest.json").read_text())
+    del manifest["outputs"]
+    (run_copy / "partition" / "_manifest.json").write_text(json.dumps(manifest))
+    shard = run_copy / "partition" / "part-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:-40] + b"\0" * 40)
+    code, lines, err = _run(run_copy, capsys, "prune.fraction=0.2", "run.executor=ray")
+    assert code == 2
+    assert err.count("\n") == 1 and "part-00000.parquet' is damaged" in err and "Traceback" not in err, err
+    assert "stage 'partition' is now unfinished" in err
+    assert storage.read_manifest(str(run_copy / "partition")) is None
