@@ -39,6 +39,7 @@ from raypipe.config import Config, load_config
 from raypipe.data.sources import DEBIAN_FASHION_MNIST
 from raypipe.executors import LocalExecutor
 from raypipe.layout import RunLayout, shard_name
+from raypipe.preflight import check_given_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -376,7 +377,7 @@ def run_pipeline(cfg: Config, out: Path, log: Callable[[str], None], from_stage:
     from raypipe.report.report import write_report  # matplotlib: only when a report is written
 
     if cfg.model.checkpoint is not None:
-        pipeline.check_given_checkpoint(cfg)
+        check_given_checkpoint(cfg)
     executor = make_executor(cfg, log)
     cpu: dict[str, float] = {}
     try:

@@ -1,14 +1,21 @@
-"""The Python API, mirroring the CLI: ``raypipe.run(config, out) -> report``, ``raypipe.run_sweep(config, out)``."""
+"""The Python API, mirroring the CLI: ``raypipe.run(config, out) -> report``, ``raypipe.run_sweep(config, out)``.
+
+Both check everything that can be checked before any work (`raypipe.preflight`), then hold the output
+folder for the whole run (`raypipe.runlock`: one run per folder at a time), then start the executor.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from raypipe import pipeline
+from raypipe import pipeline, storage
 from raypipe.config import Config
 from raypipe.executors import LocalExecutor
+from raypipe.layout import RunLayout, SweepLayout
+from raypipe.preflight import preflight
 from raypipe.report.report import write_report
+from raypipe.runlock import RunLock
 from raypipe.stages import Executor
 
 
@@ -27,12 +34,16 @@ def run(config: Config, out: str, from_stage: str | None = None, log=print) -> d
     Finished stages whose settings and inputs are unchanged are skipped; `from_stage` reruns that
     stage and everything after it. Returns the report (also written to ``<out>/report.json``).
     """
-    executor = make_executor(config, log)
-    try:
-        finished = pipeline.run(config, out, executor, from_stage, log)
-    finally:
-        executor.close()
-    return write_report(finished.layout, config, finished.manifests, log)
+    pipeline.check_from(from_stage)
+    preflight(config, out, pipeline.STAGE_NAMES)  # writes nothing: a bad input stops here, before any work
+    out = storage.absolute(out)
+    with RunLock(RunLayout(out).lock_file, log):
+        executor = make_executor(config, log)
+        try:
+            finished = pipeline.run(config, out, executor, from_stage, log)
+        finally:
+            executor.close()
+        return write_report(finished.layout, config, finished.manifests, log)
 
 
 def run_sweep(config, out: str, log=print) -> dict[str, Any]:
@@ -40,8 +51,12 @@ def run_sweep(config, out: str, log=print) -> dict[str, Any]:
     `raypipe.load_sweep_config`) under `out`; returns the trials' rows, the best trial and its report."""
     from raypipe.distributed import tune  # imports Ray
 
-    executor = make_executor(config, log)  # for the shared stages, before any trial
-    try:
-        return tune.run_sweep(config, out, executor, log)
-    finally:
-        executor.close()
+    shared = ["base/data", "base/initial", *(f"base/{rule}/attribution" for rule in config.sweep.rules)]
+    preflight(config, out, tuple(shared), sweep=True)
+    out = storage.absolute(out)
+    with RunLock(SweepLayout(out).lock_file, log):
+        executor = make_executor(config, log)  # for the shared stages, before any trial
+        try:
+            return tune.run_sweep(config, out, executor, log)
+        finally:
+            executor.close()

@@ -7,12 +7,18 @@ raypipe sweep --out runs/digits-sweep [--config jobs/configs/digits_sweep.yaml] 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
 
 from raypipe.config import dump_config, load_config
-from raypipe.errors import RaypipeError
+from raypipe.errors import user_error
+
+# Exit status of a run stopped by Ctrl-C (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
+# OS errors that are the machine's state, never a bug: one line, not a traceback, wherever they surface.
+ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 # Set by Ray's job supervisor in the environment of a submitted job's entrypoint.
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -72,20 +78,36 @@ def sweep_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _error(message: str) -> None:
+    print("error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)  # one line, always
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     error = relative_out_in_job(args.out)
     if error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        _error(error)
         return 2
     try:
         if args.command == "run":
             return run_command(args)
         if args.command == "sweep":
             return sweep_command(args)
-    except RaypipeError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+    except KeyboardInterrupt:
+        _error(
+            "interrupted (Ctrl-C); finished stages are kept and nothing unfinished counts as done: "
+            "rerun the same command to go on"
+        )
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        found = user_error(e)
+        if found is not None:
+            _error(str(found))
+            return 2
+        if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
+            _error(f"{os.strerror(e.errno)} ({e}); free some space or use another --out")
+            return 2
+        raise
     return 1
 
 

@@ -4,6 +4,7 @@ A run directory (a local path, ``s3://`` or ``gs://``) holds one folder per stag
 its ``_manifest.json``, plus the run's own files::
 
     <run>/config.yaml                      the resolved config of the last invocation
+    <run>/_lock.json                       the run writing here now (pid, host, start), while it runs
     <run>/report.json, report.md, plots/   the report and its pictures
     <run>/data/train/part-NNNNN.parquet    training shards (the unit of parallel, resumable work)
     <run>/data/val.parquet, test.parquet
@@ -30,6 +31,10 @@ from raypipe.storage import join
 
 MANIFEST = "_manifest.json"
 PENDING = "_pending.json"
+# Held by the run writing to a run (or sweep) folder, with its owner: one run per folder at a time.
+LOCK = "_lock.json"
+# Folders of a stage that are not its outputs (Ray Train's own run state): a manifest does not list them.
+UNTRACKED = ("ray_train",)
 
 
 def shard_name(index: int) -> str:
@@ -57,6 +62,11 @@ def model_file(stage_uri: str) -> str:
 def checkpoint_file(stage_uri: str) -> str:
     """The resumable training checkpoint of a training stage (model, optimizer, epoch, history, callbacks)."""
     return join(stage_uri, "checkpoint.pt")
+
+
+def failure_file(stage_uri: str) -> str:
+    """Why a training stage stopped on every worker at once (a diverged loss), for the driver to say."""
+    return join(stage_uri, "_failed.json")
 
 
 def trajectory_dir(stage_uri: str) -> str:
@@ -116,6 +126,10 @@ class RunLayout:
         return join(self.root, "config.yaml")
 
     @property
+    def lock_file(self) -> str:
+        return join(self.root, LOCK)
+
+    @property
     def report_json(self) -> str:
         return join(self.root, "report.json")
 
@@ -165,6 +179,10 @@ class SweepLayout:
     @property
     def config_file(self) -> str:
         return join(self.root, "config.yaml")
+
+    @property
+    def lock_file(self) -> str:
+        return join(self.root, LOCK)
 
     @property
     def settings_file(self) -> str:

@@ -10,11 +10,17 @@ sweep runs the data and initial stages once, the attribution once per rule, and 
 same table from the partition on under its own folder (`raypipe.layout.SweepLayout`).
 
 Each stage writes its folder and finishes by writing ``_manifest.json`` with the fingerprint of its
-settings and of its inputs' manifests. A rerun skips a stage whose manifest matches; a changed
-setting changes that stage's fingerprint and so every stage downstream of it; `from_stage` forces a
-stage and everything after it. A stage that died half way left ``_pending.json`` with its
-fingerprint: a rerun with the same fingerprint keeps what it had finished (attribution shards, a
-training checkpoint), any other fingerprint clears the stage first.
+settings and of its inputs' manifests, and the list of the files it wrote (size, Parquet row count).
+The data stage's settings include what its input files hold (`raypipe.data.input_files`), so data
+changed at the same path is new data. A rerun skips a stage whose manifest matches and whose files
+are all there as written; a changed setting changes that stage's fingerprint and so every stage
+downstream of it; a stage whose files are missing or damaged is computed again under a new revision
+(part of its fingerprint), so every stage downstream of it reruns too; `from_stage` forces a stage
+and everything after it. A manifest that cannot be read counts as unfinished. A stage that died half
+way left ``_pending.json`` with its fingerprint: a rerun with the same fingerprint keeps what it had
+finished (attribution shards, a training checkpoint), any other fingerprint clears the stage first.
+Before the first stage after `data`, the settings are checked against the data
+(`raypipe.preflight.check_against_data`).
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ from typing import Any
 
 from raypipe import layout, storage
 from raypipe.config import REPAIR_ROUTES, Config, dump_config
-from raypipe.core.models import check_signature, model_signature, saved_signature
-from raypipe.errors import ConfigError, RaypipeError
+from raypipe.core.models import model_signature
+from raypipe.data import input_files
+from raypipe.errors import ConfigError, DamagedFileError, RaypipeError
 from raypipe.layout import RunLayout
+from raypipe.preflight import check_against_data
 from raypipe.stages import Executor, attribution, partition, prune
 from raypipe.stages import data as data_stage
 from raypipe.stages.train import TrainRequest
@@ -56,6 +64,15 @@ def _asdict(section: Any) -> Any:
 
 def _data(r: Run, uri: str) -> dict[str, Any]:
     return data_stage.run(r.config.data, r.config.noise, uri, r.log)
+
+
+def _data_settings(cfg: Config) -> dict[str, Any]:
+    """The data's settings and what its input files hold now (size, time, hash or object version)."""
+    return {
+        "data": _asdict(cfg.data),
+        "noise": _asdict(cfg.noise),
+        "files": storage.files_fingerprint(input_files(cfg.data)),
+    }
 
 
 def records_trajectory(cfg: Config) -> bool:
@@ -156,7 +173,7 @@ def _route(route: str) -> Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("data", (), lambda cfg: {"data": _asdict(cfg.data), "noise": _asdict(cfg.noise)}, _data),
+    Stage("data", (), _data_settings, _data),
     Stage("initial", ("data",), _initial_settings, _initial),
     Stage("attribution", ("data", "initial"), lambda cfg: {"rule": cfg.attribution.rule}, _attribution),
     Stage(
@@ -175,6 +192,10 @@ STAGE_NAMES = tuple(s.name for s in STAGES)
 # The runner.
 
 
+SWEEP_AGAIN = "the same `raypipe sweep` command) to compute it again"
+SHARED_FIRST = "run the stages that own it first (a sweep's base) or use another output folder"
+
+
 class Run:
     """The stages of one config under one layout, run by one executor. `validate_on`: a labelled set
     the training routes after the partition score after every epoch (a sweep trial's objective)."""
@@ -188,13 +209,13 @@ class Run:
         from_stage: str | None = None,
         validate_on: str | None = None,
     ):
-        if from_stage is not None and from_stage not in STAGE_NAMES:
-            raise ConfigError(f"--from '{from_stage}' is not a stage; use one of {list(STAGE_NAMES)}")
+        check_from(from_stage)
         self.config, self.layout, self.executor, self.log = config, run_layout, executor, log
         self.from_index = STAGE_NAMES.index(from_stage) if from_stage else len(STAGE_NAMES)
         self.validate_on = validate_on
         self.manifests: dict[str, dict[str, Any]] = {}
         self.ran: list[str] = []  # stages computed (not skipped) in this invocation
+        self.data_checked = False  # the settings against the data (raypipe.preflight.check_against_data)
 
     def manifest(self, name: str) -> dict[str, Any]:
         """A stage's manifest: run here, or finished earlier in its folder (a sweep's shared stages)."""
@@ -211,43 +232,81 @@ class Run:
         return self.manifest(name)["summary"]
 
     def run(self, names: Iterable[str] | None = None) -> Run:
-        """Run (or skip) the stages of the table named in `names` (default: all), in table order."""
+        """Run (or skip) the stages of the table named in `names` (default: all), in table order; the
+        settings are checked against the data before the first stage after it."""
         wanted = set(STAGE_NAMES if names is None else names)
         for stage in STAGES:
             if stage.name in wanted and stage.enabled(self.config):
+                if stage.name != "data" and not self.data_checked:
+                    check_against_data(self.config, self.summary("data"))
+                    self.data_checked = True
                 self.run_stage(stage)
         return self
 
     def run_stage(self, stage: Stage) -> dict[str, Any]:
-        """Run `stage.body` unless a matching manifest says it is done -> its manifest."""
+        """Run `stage.body` unless a matching manifest says it is done and its files are intact -> its manifest."""
         stage_uri = self.layout.stage(stage.name)
         settings = stage.settings(self.config)
         input_fps = {i: self.manifest(i)["fingerprint"] for i in stage.inputs}
-        fp = storage.fingerprint({"settings": settings, "inputs": input_fps})
         forced = stage.name in STAGE_NAMES and STAGE_NAMES.index(stage.name) >= self.from_index
-        manifest = storage.read_manifest(stage_uri)
-        if manifest is not None and manifest.get("fingerprint") == fp and not forced:
-            self.log(f"[{stage.name}] up to date, skipped")
-            self.manifests[stage.name] = manifest
-            return manifest
-        if stage.name in self.layout.shared:  # never recompute a folder other runs read
-            raise RaypipeError(
-                f"stage '{stage.name}' in the shared folder '{stage_uri}' does not match this run's settings; "
-                "run the stages that own it first (a sweep's base) or use another output folder"
+        manifest = storage.read_manifest(stage_uri)  # None: missing or unreadable, so unfinished
+        if manifest is not None and not forced:
+            revision = int(manifest.get("revision", 0))
+            if manifest["fingerprint"] == stage_fingerprint(settings, input_fps, revision):
+                damage = storage.check_outputs(stage_uri, manifest.get("outputs", {}))
+                if damage is None:
+                    self.log(f"[{stage.name}] up to date, skipped")
+                    self.manifests[stage.name] = manifest
+                    return manifest
+                self._refuse_shared(
+                    stage.name, f"is damaged ({damage}); rerun the command that made it (a sweep: {SWEEP_AGAIN})"
+                )
+                self.log(f"[{stage.name}] {damage}: computing the stage again, and every stage after it")
+                # a new revision, so a new fingerprint: every stage downstream reruns on the recomputed outputs
+                return self._compute(stage, stage_uri, settings, input_fps, revision + 1, forced)
+        self._refuse_shared(stage.name, f"does not match this run's settings; {SHARED_FIRST}")
+        return self._compute(stage, stage_uri, settings, input_fps, self._revision(stage_uri, manifest), forced)
+
+    def _refuse_shared(self, name: str, why: str) -> None:
+        """A stage in a shared folder (a sweep's base) is never recomputed by a run that only reads it."""
+        if name in self.layout.shared:
+            raise RaypipeError(f"stage '{name}' in the shared folder '{self.layout.stage(name)}' {why}")
+
+    def _revision(self, stage_uri: str, manifest: dict[str, Any] | None) -> int:
+        """The revision of a stage computed without a matching manifest: that of its interrupted computation
+        (it resumes, and stays distinct from what came before), or a new one over a manifest that cannot be
+        read (what the stages after it read may have been other outputs)."""
+        if manifest is None and storage.exists(storage.join(stage_uri, layout.MANIFEST)):
+            self.log(
+                f"[{stage_uri.rsplit('/', 1)[-1]}] its {layout.MANIFEST} cannot be read: computing the stage again"
             )
+            return int(time.time())
+        pending = storage.read_json_or_none(storage.join(stage_uri, layout.PENDING))
+        return int(pending.get("revision", 0)) if isinstance(pending, dict) else 0
+
+    def _compute(self, stage: Stage, stage_uri: str, settings, input_fps, revision: int, forced: bool):
+        if not self.ran:
+            remove_report(self.layout, self.log)
+        fp = stage_fingerprint(settings, input_fps, revision)
         pending_uri = storage.join(stage_uri, layout.PENDING)
-        resumable = storage.exists(pending_uri) and storage.read_json(pending_uri).get("fingerprint") == fp
+        pending = storage.read_json_or_none(pending_uri)
+        resumable = isinstance(pending, dict) and pending.get("fingerprint") == fp
         if not resumable or forced:
             storage.remove_tree(stage_uri)
-        storage.write_json(pending_uri, {"fingerprint": fp})
+        storage.write_json(pending_uri, {"fingerprint": fp, "revision": revision})
         start = time.perf_counter()
-        summary = stage.body(self, stage_uri)
+        try:
+            summary = stage.body(self, stage_uri)
+        except DamagedFileError as e:
+            raise self._damaged(e, stage.name) from None
         manifest = {
             "stage": stage.name,
             "fingerprint": fp,
+            **({"revision": revision} if revision else {}),
             "settings": settings,
             "inputs": input_fps,
             "summary": summary,
+            "outputs": storage.describe_outputs(stage_uri, layout.UNTRACKED),
             "seconds": time.perf_counter() - start,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -258,26 +317,54 @@ class Run:
         self.log(f"[{stage.name}] done in {manifest['seconds']:.1f} s")
         return manifest
 
+    def _damaged(self, error: DamagedFileError, running: str) -> RaypipeError:
+        """A file found damaged while a stage read it: the stage that wrote it is made unfinished (or, for the
+        running stage, the file removed), so that the next run computes it again."""
+        owner = next((n for n in STAGE_NAMES if error.uri.startswith(self.layout.stage(n) + "/")), None)
+        if owner is None:
+            return error
+        if owner in self.layout.shared:
+            return RaypipeError(f"{error}; it belongs to the shared stage '{owner}': rerun the command that made it")
+        if owner == running:
+            storage.remove_tree(error.uri)
+            return RaypipeError(f"{error}; it was removed: rerun the same command to compute it again")
+        owner_uri = self.layout.stage(owner)
+        revision = int((storage.read_manifest(owner_uri) or {}).get("revision", 0)) + 1  # so the stages after rerun
+        mark = {"fingerprint": None, "revision": revision, "damaged": error.uri}
+        storage.write_json(storage.join(owner_uri, layout.PENDING), mark)
+        storage.remove_tree(storage.join(owner_uri, layout.MANIFEST))  # after the pending mark: never a bare folder
+        return RaypipeError(f"{error}; stage '{owner}' is now unfinished: rerun the same command to compute it again")
 
-def check_given_checkpoint(cfg: Config) -> None:
-    """`model.checkpoint` exists, loads safely (weights only) and has the configured architecture, probe
-    width and hidden width. The input shape and class count are checked by `initial` once the data is known."""
-    uri = cfg.model.checkpoint
-    if not storage.exists(uri):
-        raise ConfigError(
-            f"config key 'model.checkpoint': '{uri}' does not exist; point it at a raypipe checkpoint (model.pt) "
-            "or unset it to train the initial model"
-        )
-    saved = saved_signature(storage.load_torch(uri), uri)
-    expect = {**saved, **{k: getattr(cfg.model, k) for k in ("name", "probe_width", "hidden_width")}}
-    check_signature(saved, expect, uri)
+
+def stage_fingerprint(settings: Any, input_fps: dict[str, str], revision: int = 0) -> str:
+    """What a stage's outputs depend on: its settings, its inputs' fingerprints, and how many times it was
+    computed again after its files were found damaged (0 for almost every stage)."""
+    return storage.fingerprint(
+        {"settings": settings, "inputs": input_fps, **({"revision": revision} if revision else {})}
+    )
+
+
+def check_from(from_stage: str | None) -> None:
+    if from_stage is not None and from_stage not in STAGE_NAMES:
+        raise ConfigError(f"--from '{from_stage}' is not a stage; use one of {list(STAGE_NAMES)}")
+
+
+def remove_report(run_layout: RunLayout, log=print) -> None:
+    """The report of a run whose stages are about to change would look current while they do (and after a
+    failure): removed before the first stage is computed; the run writes a new one when it finishes."""
+    old = storage.read_json_or_none(run_layout.report_json)
+    plots = old.get("plots", []) if isinstance(old, dict) else []
+    stale = [run_layout.report_json, run_layout.report_md, *(storage.join(run_layout.root, p) for p in plots)]
+    found = [uri for uri in stale if storage.exists(uri)]
+    for uri in found:
+        storage.remove_tree(uri)
+    if found:
+        log("[run] a stage is computed again: removed the report of the previous results")
 
 
 def run(config: Config, run_uri: str, executor: Executor, from_stage: str | None = None, log=print) -> Run:
     """Run (or resume) every stage of `config` under `run_uri` -> the finished Run (its manifests)."""
     run_layout = RunLayout(storage.absolute(run_uri))  # every stage, wherever it runs, writes under one place
-    if config.model.checkpoint is not None:
-        check_given_checkpoint(config)  # before anything is written: a wrong checkpoint fails the run at once
     r = Run(config, run_layout, executor, log, from_stage)  # checks from_stage before anything is written
     storage.makedirs(run_layout.root)
     storage.write_bytes(run_layout.config_file, dump_config(config).encode())

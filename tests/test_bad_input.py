@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -45,6 +46,7 @@ class Case:
     out: str | None = None  # --out, when the case is about it
     config_file: str | None = None
     after: list[Callable[[], None]] = field(default_factory=list)  # extra checks
+    started: bool = True  # False: refused against the data before `stage` began (its folder is never made)
 
 
 def _parquet(path: Path, columns: dict, schema: pa.Schema | None = None) -> Path:
@@ -56,13 +58,17 @@ def _image_rows(n: int, length: int = 4, seed: int = 0) -> list[list[float]]:
     return np.random.default_rng(seed).random((n, length)).round(3).tolist()
 
 
-def _checkpoint(path: Path, cfg: ModelConfig, shape=DIGITS[0], classes=DIGITS[1], zero: bool = False) -> str:
+def _checkpoint(
+    path: Path, cfg: ModelConfig, shape=DIGITS[0], classes=DIGITS[1], zero: bool = False, nan: bool = False
+) -> str:
     torch.manual_seed(0)
     model = build_model(cfg, shape, classes)
-    if zero:  # every output the same: every sample gets the same attribution
-        with torch.no_grad():
+    with torch.no_grad():
+        if zero:  # every output the same: every sample gets the same attribution
             for p in model.parameters():
                 p.zero_()
+        if nan:  # what a diverged training leaves
+            model.fc2.weight[0, 0] = float("nan")
     save_model(str(path), model, model_signature(cfg, shape, classes))
     return str(path)
 
@@ -277,6 +283,140 @@ def clean_side_too_small(d: Path) -> Case:
     return Case(overrides, ["as clean (< partition.min_clean_fraction=0.99)"], "partition")
 
 
+# ---------------------------------------------------------------------------------------------
+# The second round: inputs found wrong before any work, or against the data before the first stage after it.
+
+
+def empty_image_rows(d: Path) -> Case:
+    path = _parquet(
+        d / "len0.parquet", {"image": pa.array([[]] * 20, type=pa.list_(pa.float32())), "label": [0, 1] * 10}
+    )
+    return Case(["data.source=parquet", f"data.path={path}"], ["len0.parquet", "every row is empty"], "data")
+
+
+def image_column_is_the_label_column(d: Path) -> Case:
+    path = _parquet(d / "t.parquet", {"image": _image_rows(20), "label": [0, 1] * 10})
+    overrides = ["data.source=parquet", f"data.path={path}", "data.image_column=label"]
+    return Case(overrides, ["'data.image_column'", "also data.label_column"], None)
+
+
+def labels_far_beyond_the_samples(d: Path) -> Case:
+    path = _parquet(d / "ids.parquet", {"image": _image_rows(20), "label": [0, 10**9] * 10})
+    return Case(["data.source=parquet", f"data.path={path}"], ["ids.parquet", "labels go up to 1000000000"], "data")
+
+
+def cuda_without_a_gpu(d: Path) -> Case:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    return Case(["run.device=cuda"], ["'run.device'", "torch.cuda.is_available() is False", "run.device=auto"], None)
+
+
+def negative_seed(d: Path) -> Case:
+    return Case(["run.seed=-1"], ["'run.seed'", "-1 is outside [0, 4294967294]"], None)
+
+
+def prune_every_neuron(d: Path) -> Case:
+    return Case(["prune.fraction=0.999"], ["'prune.fraction'", "prunes all 256 probe neurons", "at most 0.996"], None)
+
+
+def setting_the_source_does_not_use(d: Path) -> Case:
+    return Case(["data.shape=[1,8,8]"], ["'data.shape'", "used only by data.source=parquet"], None)
+
+
+def path_for_a_built_in_source(d: Path) -> Case:
+    return Case([f"data.path={d}"], ["'data.path'", "digits is built in"], None)
+
+
+def pairs_the_source_does_not_have(d: Path) -> Case:
+    path = _parquet(d / "t.parquet", {"image": _image_rows(20), "label": [0, 1] * 10})
+    overrides = ["data.source=parquet", f"data.path={path}", "noise.kind=asymmetric"]
+    return Case(overrides, ["'noise.pairs'", "no documented class pairs"], None)
+
+
+def trajectory_of_a_given_model(d: Path) -> Case:
+    uri = _checkpoint(d / "given.pt", ModelConfig())
+    overrides = [f"model.checkpoint={uri}", "detection.signal=trajectory"]
+    return Case(overrides, ["'detection.signal'", "trajectory needs the training trajectory"], None)
+
+
+def checkpoint_with_nan_weights(d: Path) -> Case:
+    uri = _checkpoint(d / "nan.pt", ModelConfig(), nan=True)
+    return Case([f"model.checkpoint={uri}"], ["nan.pt", "NaN or infinite weights"], None)
+
+
+def binary_config_file(d: Path) -> Case:
+    (d / "conf.yaml").write_bytes(b"\xff\xfe\x00 not text")
+    return Case([], ["conf.yaml' is not a text (UTF-8) file"], None, config_file=str(d / "conf.yaml"))
+
+
+def sweep_config_to_run(d: Path) -> Case:
+    (d / "sweep.yaml").write_text("sweep:\n  tau: [0.5]\n")
+    return Case([], ["unknown config key 'sweep'", "raypipe sweep"], None, config_file=str(d / "sweep.yaml"))
+
+
+def unreachable_ray_cluster(d: Path) -> Case:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = ["run.executor=ray", f"ray.address=127.0.0.1:{port}"]
+    return Case(overrides, [f"cannot connect to the Ray cluster at '127.0.0.1:{port}'", "ray.address"], None)
+
+
+def out_cannot_be_made(d: Path) -> Case:
+    return Case([], ["--out '/proc/raypipe/run'", "cannot create files in '/proc'"], None, out="/proc/raypipe/run")
+
+
+def out_is_a_file(d: Path) -> Case:
+    (d / "file").write_text("mine")
+    return Case([], ["is a file, not a folder"], None, out=str(d / "file" / "run"))
+
+
+def out_empty(d: Path) -> Case:
+    return Case([], ["--out is empty"], None, out=" ")
+
+
+def out_holds_someone_elses_folder(d: Path) -> Case:
+    mine = d / "home" / "data" / "thesis.txt"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("precious")
+
+    def untouched() -> None:
+        assert mine.read_text() == "precious" and sorted(p.name for p in (d / "home").iterdir()) == ["data"]
+
+    needles = ["holds a folder 'data' that raypipe did not write"]
+    return Case([], needles, None, out=str(d / "home"), after=[untouched])
+
+
+def input_inside_a_stage_folder(d: Path) -> Case:
+    run = d / "old-run"
+    uri = _checkpoint(run / "f_ft" / "model.pt", ModelConfig())
+    (run / "f_ft" / "_manifest.json").write_text("{}")
+    needles = ["'model.checkpoint'", "lies inside", "a stage folder of --out that a run clears"]
+    return Case([f"model.checkpoint={uri}"], needles, None, out=str(run))
+
+
+def too_few_training_samples(d: Path) -> Case:
+    overrides = [*QUICK, "data.max_train_samples=3"]
+    needles = ["'data.max_train_samples'", "holds 3 samples", "needs at least 4"]
+    return Case(overrides, needles, "initial", started=False)
+
+
+def more_neighbours_than_samples(d: Path) -> Case:
+    return Case([*QUICK, "detection.k=500"], ["'detection.k'", "holds 200 training samples"], "initial", started=False)
+
+
+def model_that_cannot_take_the_samples(d: Path) -> Case:
+    path = _parquet(d / "flat.parquet", {"image": _image_rows(40, 6), "label": [0, 1] * 20})
+    overrides = [*QUICK, "data.source=parquet", f"data.path={path}", "model.name=cnn_small", "detection.k=5"]
+    return Case(overrides, ["'cnn_small' needs image inputs", "shape (6,)"], "initial", started=False)
+
+
+def diverging_training(d: Path) -> Case:
+    overrides = [*QUICK, "initial.optimizer=sgd", "initial.lr=1e8"]
+    needles = ["route 'initial': the training loss is nan", "lower initial.lr (now 1e+08)"]
+    return Case(overrides, needles, "initial")
+
+
 CASES = [
     missing_data_dir,
     missing_parquet_uri,
@@ -310,6 +450,29 @@ CASES = [
     checkpoint_with_code,
     mixture_component_empty,
     clean_side_too_small,
+    empty_image_rows,
+    image_column_is_the_label_column,
+    labels_far_beyond_the_samples,
+    cuda_without_a_gpu,
+    negative_seed,
+    prune_every_neuron,
+    setting_the_source_does_not_use,
+    path_for_a_built_in_source,
+    pairs_the_source_does_not_have,
+    trajectory_of_a_given_model,
+    checkpoint_with_nan_weights,
+    binary_config_file,
+    sweep_config_to_run,
+    unreachable_ray_cluster,
+    out_cannot_be_made,
+    out_is_a_file,
+    out_empty,
+    out_holds_someone_elses_folder,
+    input_inside_a_stage_folder,
+    too_few_training_samples,
+    more_neighbours_than_samples,
+    model_that_cannot_take_the_samples,
+    diverging_training,
 ]
 
 
@@ -334,13 +497,16 @@ def _one_error_line(stderr: str, needles: list[str], only_line: bool) -> str:
     return errors[0]
 
 
-def _nothing_finished(out: Path, stage: str | None) -> None:
+def _nothing_finished(out: Path, stage: str | None, started: bool = True) -> None:
     assert not (out / "report.json").exists() and not (out / "report.md").exists()
     if stage is None:  # refused before any work: not even the run directory
         assert not out.exists(), sorted(out.rglob("*"))
         return
     assert not (out / stage / "_manifest.json").exists()
-    assert (out / stage / "_pending.json").exists()  # started, not finished: a rerun starts it again
+    if started:
+        assert (out / stage / "_pending.json").exists()  # started, not finished: a rerun starts it again
+    else:
+        assert not (out / stage).exists()  # refused before the stage began
     later = ("data", "initial", "attribution", "partition", "prune", "f_ft")
     for after in later[later.index(stage) + 1 :]:
         assert not (out / after).exists(), after
@@ -357,7 +523,7 @@ def test_bad_input_cli(build, tmp_path, capsys):
     assert code == 2, captured.err
     _one_error_line(captured.err, case.needles, only_line=True)
     if case.out is None:
-        _nothing_finished(out, case.stage)
+        _nothing_finished(out, case.stage, case.started)
     for check in case.after:
         check()
 
@@ -423,3 +589,13 @@ def test_more_gpus_than_the_cluster_has(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     _one_error_line(proc.stderr, ["'ray.use_gpu'", "needs 4 GPU(s)", "ray.use_gpu=auto"], only_line=False)
     _nothing_finished(out, None)
+
+
+def test_sweep_is_checked_before_any_work_too(tmp_path, capsys):
+    """`raypipe sweep` runs the same checks before Ray starts, with its own search space: a prune fraction of
+    the space that prunes every probe neuron is refused by its key."""
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--out", str(out), "sweep.prune_fraction=[0.0,0.999]", "model.probe_width=64"]) == 2
+    line = _one_error_line(capsys.readouterr().err, ["'sweep.prune_fraction'", "0.999 prunes all 64"], True)
+    assert "use at most 0.984" in line
+    assert not out.exists()

@@ -27,7 +27,7 @@ import pytest
 
 from raypipe import layout, storage
 from raypipe.config import load_config
-from raypipe.errors import RaypipeError
+from raypipe.errors import RaypipeError, StorageError
 from raypipe.executors import LocalExecutor
 from raypipe.layout import PENDING, RunLayout
 from raypipe.pipeline import Run, Stage
@@ -60,9 +60,9 @@ def test_failed_write_leaves_neither_partial_nor_temporary_file(tmp_path, monkey
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(storage.os, "fsync", disk_full)  # fails after the bytes went to the temporary file
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StorageError, match=r"cannot write '.*part-00000.parquet': no space left on the device"):
         storage.write_bytes(str(target), b"new" * 1000)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StorageError, match="No space left"):
         storage.write_bytes(str(tmp_path / "stage" / "part-00001.parquet"), b"new")
     assert target.read_bytes() == b"old, complete"  # the reader still sees the whole old file
     assert sorted(p.name for p in target.parent.iterdir()) == ["part-00000.parquet"]

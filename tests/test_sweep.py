@@ -158,7 +158,7 @@ def test_trusted_validation_set_formats(tmp_path):
     prepare.run(config.data, config.noise, data_uri, log=lambda *_: None)
     val = prepare.read_split(data_uri, "val")
     summary = {"sample_shape": list(val.sample_shape), "num_classes": val.num_classes}
-    storage.write_manifest(data_uri, {"summary": summary})  # what the data stage's manifest holds
+    storage.write_manifest(data_uri, {"fingerprint": "0", "summary": summary})  # what the data stage's manifest holds
     # raypipe's own table format, with the clean labels
     own = tmp_path / "trusted.parquet"
     storage.write_table(str(own), table_from_samples(val))

@@ -20,6 +20,7 @@ from raypipe.config.schema import (
     RayConfig,
     RunConfig,
     TrainConfig,
+    check_seed,
     check_setting,
 )
 
@@ -41,6 +42,7 @@ __all__ = [
     "RayConfig",
     "RunConfig",
     "TrainConfig",
+    "check_seed",
     "check_setting",
     "config_from_dict",
     "dump_config",

@@ -73,7 +73,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in hints:
-            raise ConfigError(f"unknown config key '{full}'; known keys here: {sorted(hints)}")
+            hint = "; a `sweep:` section is read by `raypipe sweep`" if full == "sweep" else ""
+            raise ConfigError(f"unknown config key '{full}'; known keys here: {sorted(hints)}{hint}")
         if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
             value = {**dataclasses.asdict(getattr(base, key)), **value}
         kwargs[key] = _coerce(value, hints[key], full)
@@ -127,11 +128,16 @@ def load_config(
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file to --config")
+            what = "is a folder, not a file" if path.is_dir() else "does not exist"
+            raise ConfigError(f"config file '{path}' {what}; pass an existing YAML file to --config")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file '{path}' is not a text (UTF-8) file; pass a YAML file") from None
+        except OSError as e:
+            raise ConfigError(f"config file '{path}' cannot be read ({e.strerror or e})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections")
         tree = loaded or {}

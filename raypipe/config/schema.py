@@ -27,6 +27,15 @@ def check_setting(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}': {message}")
 
 
+# Seeds feed numpy, torch and scikit-learn, whose widest common range is an unsigned 32-bit integer (and the
+# validation split's noise uses noise.seed + 1).
+MAX_SEED = 2**32 - 2
+
+
+def check_seed(value: int, key: str) -> None:
+    check_setting(0 <= value <= MAX_SEED, key, f"{value} is outside [0, {MAX_SEED}]; use e.g. {key}=0")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     seed: int = 0
@@ -38,6 +47,7 @@ class RunConfig:
     executor: Literal["local", "ray"] = "local"
 
     def validate(self) -> None:
+        check_seed(self.seed, "run.seed")
         for route in self.routes:
             check_setting(
                 route in REPAIR_ROUTES, "run.routes", f"unknown route '{route}'; use any of {list(REPAIR_ROUTES)}"
@@ -71,6 +81,7 @@ class DataConfig:
         check_setting(
             self.source in SOURCES, "data.source", f"unknown source '{self.source}'; use one of {list(SOURCES)}"
         )
+        check_seed(self.split_seed, "data.split_seed")
         check_setting(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
         check_setting(0.0 < self.test_fraction < 1.0, "data.test_fraction", "must be in (0, 1)")
         check_setting(
@@ -99,6 +110,7 @@ class NoiseConfig:
     def validate(self) -> None:
         check_setting(0.0 <= self.rate < 1.0, "noise.rate", f"{self.rate} is outside [0, 1); use e.g. noise.rate=0.4")
         check_setting(self.sigma >= 0.0, "noise.sigma", "must be >= 0")
+        check_seed(self.seed, "noise.seed")
 
 
 @dataclass(frozen=True)
@@ -139,6 +151,7 @@ class TrainConfig:
         check_setting(self.lr > 0, f"{section}.lr", "must be > 0")
         check_setting(self.batch_size >= 1, f"{section}.batch_size", "must be >= 1")
         check_setting(self.weight_decay >= 0, f"{section}.weight_decay", "must be >= 0")
+        check_setting(0 <= self.momentum < 1, f"{section}.momentum", f"{self.momentum} is outside [0, 1); use e.g. 0.9")
 
 
 @dataclass(frozen=True)

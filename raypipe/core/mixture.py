@@ -26,6 +26,9 @@ from sklearn.preprocessing import StandardScaler
 from raypipe.config import PartitionConfig
 from raypipe.errors import RaypipeError
 
+# A 2-component mixture with full covariances needs at least this many rows to fit.
+MIN_FIT_ROWS = 4
+
 
 @dataclass
 class MixtureFit:
@@ -93,8 +96,10 @@ def fit_mixture(attribution: np.ndarray, loss: np.ndarray, cfg: PartitionConfig,
     tiny component's members took one refit per scale). Left-out rows are still scored afterwards.
     """
     attribution = np.asarray(attribution, dtype=np.float64)
-    if attribution.ndim != 2 or attribution.shape[0] < 4:
-        raise RaypipeError(f"partition needs at least 4 samples with attributions, got shape {attribution.shape}")
+    if attribution.ndim != 2 or attribution.shape[0] < MIN_FIT_ROWS:
+        raise RaypipeError(
+            f"partition needs at least {MIN_FIT_ROWS} samples with attributions, got shape {attribution.shape}"
+        )
     if not np.isfinite(attribution).all():
         raise RaypipeError("partition: attributions contain NaN or infinite values; check the model checkpoint")
     loss = np.asarray(loss, dtype=np.float64)

@@ -12,6 +12,25 @@ import numpy as np
 import torch
 
 from raypipe.core.models import ProbedModel
+from raypipe.errors import ConfigError
+
+
+def prune_count(fraction: float, probe_width: int) -> int:
+    """How many of `probe_width` probe neurons `prune.fraction` prunes (rounded to the nearest)."""
+    return int(round(fraction * probe_width))
+
+
+def check_prune_fraction(fraction: float, probe_width: int, key: str = "prune.fraction") -> None:
+    """A fraction that prunes every probe neuron leaves a model that predicts one class: refused."""
+    if prune_count(fraction, probe_width) < probe_width:
+        return
+    largest = (probe_width - 1) / probe_width
+    while prune_count(largest, probe_width) >= probe_width:
+        largest -= 0.001
+    raise ConfigError(
+        f"config key '{key}': {fraction} prunes all {probe_width} probe neurons (model.probe_width), which leaves a "
+        f"model that predicts one class; use at most {np.floor(largest * 1000) / 1000:g}"
+    )
 
 
 @torch.no_grad()

@@ -7,13 +7,14 @@ both call.
 from raypipe.data.handover import batch_from_table, samples_from_table, table_from_samples
 from raypipe.data.noise import ASYMMETRIC_PAIRS, apply_noise
 from raypipe.data.samples import SampleSet
-from raypipe.data.sources import load_splits
+from raypipe.data.sources import input_files, load_splits
 
 __all__ = [
     "ASYMMETRIC_PAIRS",
     "SampleSet",
     "apply_noise",
     "batch_from_table",
+    "input_files",
     "load_splits",
     "samples_from_table",
     "table_from_samples",

@@ -113,6 +113,16 @@ def has_cifar10(root: Path) -> bool:
     return _find_layout(root) is not None
 
 
+def cifar10_files(root: Path) -> list[Path]:
+    """The batch files `read_cifar10` reads under `root` ([] without a complete layout)."""
+    found = _find_layout(root)
+    if found is None:
+        return []
+    layout, directory = found
+    suffix = ".bin" if layout == "binary" else ""
+    return [directory / f"{name}{suffix}" for name in [*TRAIN_BATCHES, TEST_BATCH]]
+
+
 def read_cifar10(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{'train': (x, labels), 'test': (x, labels)}, x float32 [N, 3, 32, 32] in [0, 1], labels int64 [N].
 

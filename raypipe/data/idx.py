@@ -94,6 +94,13 @@ def missing_idx_files(root: Path, source: str) -> list[str]:
     return [name for pair in IDX_FILES.values() for name in pair if find_idx_file(dirs, name) is None]
 
 
+def idx_files(root: Path, source: str) -> list[Path]:
+    """The IDX files `read_idx_split` reads under `root` (those that exist)."""
+    dirs = idx_search_dirs(root, source)
+    found = [find_idx_file(dirs, name) for pair in IDX_FILES.values() for name in pair]
+    return [path for path in found if path is not None]
+
+
 def read_idx_split(root: Path, source: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(x float32 [N, 1, H, W] in [0, 1], labels int64 [N]) of the `train` or `test` files."""
     dirs = idx_search_dirs(root, source)

@@ -31,13 +31,18 @@ ASYMMETRIC_PAIRS: dict[str, dict[int, int]] = {
 GAUSSIAN_CHUNK_ROWS = 4096  # noise is drawn per chunk of rows to bound the temporary memory
 
 
-def _pairs(cfg: NoiseConfig, source: str, num_classes: int) -> dict[int, int]:
-    if cfg.pairs == "cyclic":
-        return {c: (c + 1) % num_classes for c in range(num_classes)}
-    if source not in ASYMMETRIC_PAIRS:
+def check_pairs(cfg: NoiseConfig, source: str) -> None:
+    """Asymmetric noise with the source's documented class pairs needs a source that has them."""
+    if cfg.kind == "asymmetric" and cfg.pairs == "dataset" and source not in ASYMMETRIC_PAIRS:
         raise ConfigError(
             f"config key 'noise.pairs': source '{source}' has no documented class pairs; set noise.pairs=cyclic"
         )
+
+
+def _pairs(cfg: NoiseConfig, source: str, num_classes: int) -> dict[int, int]:
+    if cfg.pairs == "cyclic":
+        return {c: (c + 1) % num_classes for c in range(num_classes)}
+    check_pairs(cfg, source)
     pairs = ASYMMETRIC_PAIRS[source]
     if max(max(pairs), max(pairs.values())) >= num_classes:
         raise ConfigError(

@@ -51,11 +51,27 @@ def read_parquet_table(path: str, columns: list[str], optional: list[str]) -> pa
                 f"parquet: '{path}' has no column {missing[0]!r} (columns: {names}); "
                 "set data.image_column / data.label_column"
             )
-        return dataset.to_table(columns=columns + [c for c in optional if c in names])
+        return dataset.to_table(columns=columns + [c for c in optional if c in names and c not in columns])
     except DataError:
         raise
     except (OSError, pa.ArrowException, ValueError) as e:
         raise DataError(f"parquet: cannot read '{path}': {_first_line(e)}") from None
+
+
+def parquet_files(path: str) -> list[str]:
+    """The Parquet files under `path` (a file, a directory or a URI), as `read_parquet_table` finds them, as
+    URIs or local paths; [] when there are none or they cannot be listed (the reader then says why)."""
+    try:
+        if "://" in path:
+            filesystem, inner = pafs.FileSystem.from_uri(path)
+            scheme = path.split("://", 1)[0] + "://"
+        else:
+            filesystem, inner, scheme = pafs.LocalFileSystem(), str(Path(path).resolve()), ""
+        if filesystem.get_file_info(inner).type == pafs.FileType.NotFound:
+            return []
+        return [scheme + f for f in sorted(pads.dataset(inner, filesystem=filesystem, format="parquet").files)]
+    except (OSError, pa.ArrowException, ValueError):
+        return []
 
 
 def _image_matrix(column: pa.ChunkedArray, where: str) -> np.ndarray:
@@ -85,12 +101,16 @@ def _image_matrix(column: pa.ChunkedArray, where: str) -> np.ndarray:
         width = int(lengths[0]) if n else 0
         if n and (lengths != width).any():
             raise DataError(f"{where}: images have different byte lengths ({lengths.min()}..{lengths.max()})")
+        if n and width == 0:
+            raise DataError(f"{where}: every row is empty (0 bytes); each row must hold one sample's pixels")
         data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)
         return data[offsets[0] : offsets[-1]].reshape(n, width)
     else:
         raise DataError(f"{where} has type {t}; use a list of numbers or binary (raw uint8 bytes)")
     if lengths is not None and n and (lengths != width).any():
         raise DataError(f"{where}: rows have different lengths ({lengths.min()}..{lengths.max()}); pad or resize them")
+    if n and width == 0:
+        raise DataError(f"{where}: every row is empty (0 values); each row must hold one sample's values")
     value_type = values.type
     if not (pa.types.is_integer(value_type) or pa.types.is_floating(value_type)):
         raise DataError(f"{where} holds {value_type} values; use numbers (uint8 pixels or floats)")
@@ -99,11 +119,24 @@ def _image_matrix(column: pa.ChunkedArray, where: str) -> np.ndarray:
     return values.to_numpy(zero_copy_only=False).reshape(n, width)
 
 
+def check_columns(cfg: DataConfig) -> None:
+    """The image and label columns are two columns, neither of them the sample ids."""
+    if cfg.image_column == cfg.label_column:
+        raise ConfigError(
+            f"config key 'data.image_column': '{cfg.image_column}' is also data.label_column; name the column of "
+            "the images (or features) and the column of the labels"
+        )
+    for key in ("image_column", "label_column"):
+        if getattr(cfg, key) == "sample_id":
+            raise ConfigError(f"config key 'data.{key}': 'sample_id' is the sample id column; name another")
+
+
 def read_parquet_source(cfg: DataConfig) -> tuple[SampleSet, str]:
     """The whole table as a clean SampleSet, and a description of where it came from."""
     if cfg.path is None:
         raise ConfigError("config key 'data.path': source 'parquet' needs a file, directory or URI; set data.path=...")
     where = f"parquet data '{cfg.path}'"
+    check_columns(cfg)
     table = read_parquet_table(cfg.path, [cfg.image_column, cfg.label_column], ["sample_id"])
     n = table.num_rows
     if n == 0:
@@ -139,4 +172,9 @@ def read_parquet_source(cfg: DataConfig) -> tuple[SampleSet, str]:
         sample_id = np.arange(n, dtype=np.int64)
 
     num_classes = cfg.num_classes if cfg.num_classes is not None else int(label.max()) + 1
+    if cfg.num_classes is None and num_classes > n:
+        raise DataError(
+            f"{where}: labels go up to {num_classes - 1} ({num_classes} classes) but there are {n} samples; "
+            "labels must be class indices 0..C-1 (renumber them), or set data.num_classes"
+        )
     return SampleSet.clean(sample_id, x, label, num_classes), where

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from sklearn.model_selection import train_test_split
 
 from raypipe.config import DataConfig
 from raypipe.data import cifar, idx
-from raypipe.data.parquet_source import read_parquet_source
+from raypipe.data.parquet_source import parquet_files, read_parquet_source
 from raypipe.data.samples import SampleSet, validate_samples
 from raypipe.errors import ConfigError, DataError
 
@@ -67,6 +68,21 @@ def _locate(cfg: DataConfig, complete: Callable[[Path], bool]) -> Path:
         _download(cfg.source, roots[-1])
         return roots[-1]
     return roots[0]
+
+
+def input_files(cfg: DataConfig) -> list[str]:
+    """The files `load_splits` reads for `cfg` as they are now (none are fetched): what the data stage's
+    fingerprint covers, so that data changed at the same path is never taken for the data of a finished run."""
+    if cfg.source == "digits":
+        return [str(files("sklearn.datasets.data") / "digits.csv.gz")]
+    if cfg.source == "parquet":
+        return parquet_files(cfg.path) if cfg.path is not None else []
+    roots = [Path(cfg.path).expanduser()] if cfg.path is not None else _default_roots(cfg.source)
+    if cfg.source == "cifar10":
+        found = [cifar.cifar10_files(root) for root in roots]
+    else:
+        found = [idx.idx_files(root, cfg.source) for root in roots if not idx.missing_idx_files(root, cfg.source)]
+    return [str(path) for path in next((f for f in found if f), [])]
 
 
 # ---------------------------------------------------------------------------------------------

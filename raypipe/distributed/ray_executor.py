@@ -23,7 +23,8 @@ import ray
 
 from raypipe.config import Config
 from raypipe.distributed.resources import Plan, plan_resources
-from raypipe.errors import RaypipeError
+from raypipe.errors import RaypipeError, user_errors_unwrapped
+from raypipe.preflight import unreachable
 from raypipe.stages.attribution import ShardAttributor
 from raypipe.stages.train import TrainRequest
 
@@ -41,7 +42,10 @@ def init_ray(address: str | None, log=print) -> None:
     # default), and report() is a barrier: with short epochs that poll dominated the wall time.
     # Ray Train passes this variable from the driver to its controller and workers, on any cluster.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    ray.init(address=address, log_to_driver=True, logging_level="WARNING")
+    try:
+        ray.init(address=address, log_to_driver=True, logging_level="WARNING")
+    except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
+        raise unreachable(address, (str(e).strip().splitlines() or [type(e).__name__])[0]) from None
     log(f"[ray] connected: {ray.cluster_resources()}")
 
 
@@ -97,7 +101,10 @@ class RayExecutor:
         log(f"[ray] plan: {self.plan}" + (f", on nodes with '{config.ray.worker_resource}'" if self.placement else ""))
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], desc: str = "") -> list[Any]:
-        items = list(items)
+        with user_errors_unwrapped():  # a task's RaypipeError (a damaged shard) as itself, not a RayTaskError
+            return self._map(fn, list(items), desc)
+
+    def _map(self, fn: Callable[[Any], Any], items: list[Any], desc: str) -> list[Any]:
         remote = ray.remote(_call).options(num_cpus=self.plan.cpus_per_task, resources=self.placement)
         fn_ref = ray.put(fn)
         refs = [remote.remote(fn_ref, item) for item in items]
@@ -129,8 +136,9 @@ class RayExecutor:
             resources=self.placement,
         )
         rows = 0
-        for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-            rows += int(batch["rows"].sum())
+        with user_errors_unwrapped():
+            for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+                rows += int(batch["rows"].sum())
         return rows
 
     def train(self, request: TrainRequest) -> dict[str, Any]:

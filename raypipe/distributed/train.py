@@ -18,6 +18,9 @@ Where the data comes from (`ingest`):
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,9 +33,10 @@ import torch
 import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 
-from raypipe import layout
+from raypipe import layout, storage
 from raypipe.data import batch_from_table
 from raypipe.distributed.resources import Plan
+from raypipe.errors import TrainingDiverged, user_errors_unwrapped
 from raypipe.stages.data import train_shards
 from raypipe.stages.train import (
     TrainRequest,
@@ -129,7 +133,44 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     worker = Worker(
         ray.train.torch.get_device(), rank, world, ray.train.torch.prepare_model, _gather if world > 1 else None, report
     )
-    train_route(request, data, config["sample_shape"], config["num_classes"], worker)
+    try:
+        train_route(request, data, config["sample_shape"], config["num_classes"], worker)
+    except TrainingDiverged as e:  # every rank stops at the same epoch; a restarted group would diverge again
+        if rank == 0:
+            storage.write_json(layout.failure_file(request.out_uri), {"error": str(e)})
+
+
+class _Trainer(TorchTrainer):
+    """Ctrl-C during `fit`: Ray Train's own handler aborts the run and then exits the process with status 1
+    and no word (and stays installed after `fit`); this one tells the controller to stop the workers and
+    raises KeyboardInterrupt, which the CLI turns into one line and exit status 130."""
+
+    def _register_sigint_handler(self, controller) -> None:
+        def interrupted(signum, frame):
+            with contextlib.suppress(Exception):
+                controller.abort.remote()
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, interrupted)
+
+
+def _fit(trainer: TorchTrainer, out_uri: str) -> None:
+    """`trainer.fit()`, with the SIGINT handler restored after it, a worker's RaypipeError raised as itself,
+    and a route every worker stopped (a diverged loss) raised as the TrainingDiverged it was."""
+    failure = layout.failure_file(out_uri)
+    storage.remove_tree(failure)
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        with user_errors_unwrapped():
+            trainer.fit()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, handler)
+    stopped = storage.read_json_or_none(failure)
+    if stopped is not None:
+        storage.remove_tree(failure)
+        raise TrainingDiverged(stopped.get("error", "the training stopped on every worker"))
 
 
 def train_on_ray(
@@ -161,7 +202,7 @@ def train_on_ray(
         datasets = {"train": dataset}
     elif request.route != "initial":
         n_train = len(clean_ids(request.partition_uri))
-    trainer = TorchTrainer(
+    trainer = _Trainer(
         train_loop_per_worker,
         train_loop_config={
             "request": request.to_dict(),
@@ -194,5 +235,5 @@ def train_on_ray(
         + (" + 1 GPU" if plan.use_gpu else "")
         + f", {request.train.epochs} epochs on {n_train} samples"
     )
-    trainer.fit()
+    _fit(trainer, request.out_uri)
     return route_summary(request, n_train, started, num_workers=plan.num_workers)

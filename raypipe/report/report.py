@@ -8,6 +8,7 @@ per epoch only).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from raypipe import storage
@@ -17,6 +18,31 @@ from raypipe.report.plots import write_plots
 
 # The stages a repair route pays for besides its own training (the retrain baseline pays none of them).
 REPAIR_OVERHEAD = ("attribution", "partition", "prune")
+
+
+def chance_level(data: dict[str, Any]) -> tuple[float, float]:
+    """(chance accuracy on the test split, the accuracy at or below which a route counts as at chance).
+    Chance is the larger of 1 / classes and the most common test class's share (what predicting that class
+    alone scores); the threshold adds two standard errors of an accuracy measured on that many samples."""
+    p = max(1.0 / data["num_classes"], float(data.get("test_majority_fraction", 0.0)))
+    n = max(int(data["rows"]["test"]), 1)
+    return p, p + 2.0 * math.sqrt(p * (1.0 - p) / n)
+
+
+def chance_warnings(routes: dict[str, dict[str, Any]], data: dict[str, Any]) -> list[str]:
+    """Flags every route at chance (`at_chance` in its summary) -> one warning line each."""
+    chance, threshold = chance_level(data)
+    warnings = []
+    for route, summary in routes.items():
+        summary["at_chance"] = bool(summary["accuracy"] <= threshold)
+        if summary["at_chance"]:
+            after = ", the partition's clean side and prune.fraction" if route in ("l_ft", "f_ft") else ""
+            warnings.append(
+                f"{ROUTE_TITLES[route]} is at chance: test accuracy {summary['accuracy']:.3f}, and predicting the "
+                f"most common class alone scores {chance:.3f} on {data['rows']['test']} samples; the model learned "
+                f"nothing useful: check {route}.lr and {route}.epochs{after}"
+            )
+    return warnings
 
 
 def build_report(config: Config, manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -42,6 +68,7 @@ def build_report(config: Config, manifests: dict[str, dict[str, Any]]) -> dict[s
         "config": config.to_dict(),
     }
     report["detection"] = {**part.get("detection", {}), "signals_used": part.get("signals_used", {})}
+    report["warnings"] = chance_warnings(routes, report["data"])
     return report
 
 
@@ -57,6 +84,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     routes = report["routes"]
     cols = [r for r in ROUTES if r in routes]
     lines = ["# raypipe report", ""]
+    if report.get("warnings"):
+        lines += ["## Warnings", "", *(f"- **{w}**" for w in report["warnings"]), ""]
     data = report["data"]
     cfg = report["config"]
     lines += [
@@ -116,4 +145,6 @@ def write_report(run_layout: RunLayout, config: Config, manifests: dict[str, dic
     log(f"[report] {run_layout.report_md}")
     for route, m in report["routes"].items():
         log(f"  {ROUTE_TITLES[route]:8s} accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}")
+    for warning in report["warnings"]:
+        log(f"[report] warning: {warning}")
     return report

@@ -42,6 +42,8 @@ def run(data_cfg: DataConfig, noise_cfg: NoiseConfig, out_uri: str, log=print) -
         "sample_shape": list(train.sample_shape),
         "num_classes": int(train.num_classes),
         "n_shards": n_shards,
+        # what predicting the most common class alone scores on the test split (the report's chance level)
+        "test_majority_fraction": float(np.bincount(test.label).max() / len(test)) if len(test) else 0.0,
     }
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from raypipe import layout, storage
 from raypipe.config import PruneConfig
-from raypipe.core.pruning import prune_neurons, pruned_mask
+from raypipe.core.pruning import check_prune_fraction, prune_count, prune_neurons, pruned_mask
 from raypipe.core.sensitivity import SufficientStats, rank_neurons
 from raypipe.tables import columns_from_table
 from raypipe.training.checkpoint import load_model, save_model
@@ -40,7 +40,8 @@ def run(
     for part in parts:
         stats.merge(SufficientStats.from_dict(part))
     beta, intercept = stats.solve()
-    n_prune = int(round(cfg.fraction * model.probe_width))
+    check_prune_fraction(cfg.fraction, model.probe_width)  # before any work too (raypipe.preflight)
+    n_prune = prune_count(cfg.fraction, model.probe_width)
     neurons = rank_neurons(beta, n_prune, pruned_mask(model))
     prune_neurons(model, neurons)
     save_model(layout.model_file(out_uri), model, signature, {"pruned_neurons": neurons.tolist()})

@@ -25,7 +25,7 @@ from raypipe.core.models import build_model, model_signature
 from raypipe.data import SampleSet, samples_from_table
 from raypipe.stages.data import read_split, train_sample_ids
 from raypipe.tables import columns_from_table, table_from_columns
-from raypipe.training.callbacks import Gather, Log, RecordTrajectory, Report, Validate
+from raypipe.training.callbacks import Gather, Log, RecordTrajectory, Report, StopOnNonFinite, Validate
 from raypipe.training.checkpoint import SaveCheckpoint, load_model, restore, save_model
 from raypipe.training.loop import (
     Callback,
@@ -131,7 +131,8 @@ def train_route(request: TrainRequest, data: EpochData, sample_shape, num_classe
         return finished_state(published)
     model, signature = starting_model(request, tuple(sample_shape), num_classes)
     trainee, optimizer, data = prepare(model, request.route, request.train, data, worker.device)
-    callbacks: list[Callback] = []
+    hint = f"lower {request.route}.lr (now {request.train.lr:g})"
+    callbacks: list[Callback] = [StopOnNonFinite(request.route, hint, worker.gather)]
     if request.trajectory_epochs > 0:
         ids = train_sample_ids(request.data_uri)
         trajectory = RecordTrajectory(
@@ -143,7 +144,7 @@ def train_route(request: TrainRequest, data: EpochData, sample_shape, num_classe
         val = samples_from_table(storage.read_table(request.val_uri))
         callbacks.append(Validate(model, val.x, val.label, worker.device))
     checkpoint = layout.checkpoint_file(request.out_uri)
-    state = restore(checkpoint, model, signature, optimizer, callbacks)
+    state = restore(checkpoint, model, signature, optimizer, callbacks, worker.log)
     callbacks.append(SaveCheckpoint(checkpoint, model, signature, optimizer, list(callbacks), worker.rank == 0))
     if worker.report is not None:
         callbacks.append(Report(worker.report))

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from raypipe import storage
-from raypipe.config import RULES, Config, check_setting, load_config
+from raypipe.config import RULES, Config, check_seed, check_setting, load_config
 from raypipe.errors import ConfigError
 from raypipe.layout import SweepLayout
 
@@ -86,6 +86,7 @@ class SweepConfig:
         for v in self.epochs:
             check_setting(v >= 1, "sweep.epochs", f"{v} must be >= 1")
         check_setting(self.num_samples >= 0, "sweep.num_samples", "must be >= 0 (0 = every combination)")
+        check_seed(self.seed, "sweep.seed")
         check_setting(
             self.objective != "trusted" or self.trusted_path is not None,
             "sweep.trusted_path",

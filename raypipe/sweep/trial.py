@@ -33,7 +33,7 @@ from raypipe import layout, storage
 from raypipe.config import Config, dump_config
 from raypipe.data import SampleSet, samples_from_table, table_from_samples
 from raypipe.data.parquet_source import read_parquet_source
-from raypipe.errors import ConfigError, DataError, RaypipeError
+from raypipe.errors import ConfigError, DataError, RaypipeError, TrainingDiverged
 from raypipe.layout import SweepLayout
 from raypipe.pipeline import Run
 from raypipe.stages import Executor
@@ -161,8 +161,9 @@ def run_trial(
     """One trial: partition, prune, fine-tune (`executor.train` reports every epoch to `report`).
 
     A trial that ran before replays its finished epochs to `report` and continues after them (a
-    finished one trains nothing). A setting that cannot work (e.g. a tau that leaves no clean samples)
-    ends the trial as infeasible: one report with a NaN objective, and the reason in infeasible.json.
+    finished one trains nothing). A setting that cannot work (a tau that leaves no clean samples, a
+    learning rate whose training diverges) ends the trial as infeasible: one report with a NaN objective,
+    and the reason in infeasible.json.
     """
     lay = SweepLayout(sweep_uri)
     history = trial_history(sweep_uri, trial_id, spec)
@@ -176,16 +177,23 @@ def run_trial(
         log,
         validate_on=validation_uri(config, sweep_uri),
     )
-    try:
-        run.run(["partition", "prune"])
-    except RaypipeError as e:
+
+    def infeasible(e: RaypipeError) -> dict[str, Any]:
         storage.write_json(lay.trial_file(trial_id, "infeasible.json"), {"message": str(e)})
         log(f"[trial {trial_id}] infeasible: {e}")
         report({"epoch": 0, METRIC: float("nan"), "infeasible": 1})
         return {"infeasible": str(e)}
+
+    try:
+        run.run(["partition", "prune"])
+    except RaypipeError as e:
+        return infeasible(e)
     for metrics in history:  # replay: Tune (and ASHA) see the whole history again, nothing is retrained
         report(metrics)
-    run.run([spec.route])
+    try:
+        run.run([spec.route])
+    except TrainingDiverged as e:  # a learning rate too large for this trial: its objective is NaN
+        return infeasible(e)
     result = {
         "trial_id": trial_id,
         "spec": spec.to_dict(),

@@ -5,6 +5,7 @@ lives with those wrappers in `raypipe.distributed`.)"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -12,10 +13,33 @@ import numpy as np
 import torch
 
 from raypipe.core.detection.trajectory import TrajectoryRecorder
+from raypipe.errors import TrainingDiverged
 from raypipe.training.loop import Callback, EpochData, LoopState, evaluate, predict_logits, unwrap
 
 # A callable that returns every data-parallel rank's object, in rank order (the identity's [obj] in one process).
 Gather = Callable[[Any], list[Any]]
+
+
+class StopOnNonFinite(Callback):
+    """Stops the loop when an epoch's training loss is NaN or infinite: the weights diverged, and every later
+    epoch, checkpoint and score would be garbage. `hint` says which setting to change. With data-parallel
+    ranks, `gather` lets every rank see every rank's loss, so all stop at the same epoch. Keep it first, so
+    that no other callback (the checkpoint above all) sees a diverged epoch."""
+
+    name = "finite"
+
+    def __init__(self, route: str, hint: str, gather: Gather | None = None):
+        self.route, self.hint, self.gather = route, hint, gather
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, Any], state: LoopState) -> None:
+        loss = float(metrics["train_loss"])
+        losses = self.gather(loss) if self.gather is not None else [loss]
+        bad = [value for value in losses if not math.isfinite(value)]
+        if bad:
+            raise TrainingDiverged(
+                f"route '{self.route}': the training loss is {bad[0]} after epoch {epoch} (the weights diverged); "
+                f"{self.hint}"
+            )
 
 
 class Validate(Callback):

@@ -14,6 +14,7 @@ a checkpoint of another architecture is refused before its weights are read.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from raypipe.core.models import (
     load_checkpoint_dict,
     saved_signature,
 )
-from raypipe.errors import CheckpointError, ConfigError
+from raypipe.errors import CheckpointError, ConfigError, RaypipeError
 from raypipe.training.loop import Callback, LoopState
 
 
@@ -76,12 +77,20 @@ def restore(
     signature: dict[str, Any],
     optimizer: torch.optim.Optimizer,
     callbacks: list[Callback],
+    log=print,
 ) -> LoopState:
     """Load a run in progress from `uri` into model, optimizer and callbacks -> its LoopState; a
-    fresh LoopState when there is no checkpoint yet."""
+    fresh LoopState when there is no checkpoint yet, or when the one there cannot be read (it is removed
+    and the training starts again: a damaged resume point is never trained on)."""
     if not storage.exists(uri):
         return LoopState()
-    extra = load_checkpoint_dict(storage.load_torch(uri), model, signature, uri)
+    try:
+        extra = load_checkpoint_dict(storage.load_torch(uri), model, signature, uri)
+    except RaypipeError as e:
+        log(f"[training] {e}: removed, training from the first epoch")
+        with contextlib.suppress(OSError):  # every data-parallel rank finds it damaged; one removes it
+            storage.remove_tree(uri)
+        return LoopState()
     training = extra["training"]
     optimizer.load_state_dict(training["optimizer_state"])
     for callback in callbacks:

@@ -1,0 +1,283 @@
+"""One run per folder, Ctrl-C, a disk that fills up, and degenerate results, through the real CLI.
+
+- Locks and signals run `raypipe run` as a subprocess (a second run while the first holds the folder; the
+  first killed with SIGKILL and its lock taken over; SIGINT sent to the process group, as a terminal's
+  Ctrl-C is, in both executors).
+- A disk that fills up half way (the write fails with ENOSPC) and a real full or read-only file system
+  (a tmpfs, where this machine lets the test mount one).
+- A training whose loss becomes NaN stops its route with one line (also on Ray Train with 2 workers, with
+  no worker-group restart); a route at chance is flagged in the report.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from raypipe import storage
+from raypipe.cli import main
+from raypipe.errors import StorageError, TrainingDiverged
+from raypipe.report.report import chance_level, chance_warnings
+from raypipe.runlock import RunLock
+from raypipe.training.callbacks import StopOnNonFinite
+from raypipe.training.loop import LoopState
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ["run.device=cpu", "data.max_train_samples=200", "data.shard_rows=100", "run.routes=[f_ft]", "f_ft.epochs=1"]
+LONG = [*QUICK, "initial.epochs=100000"]  # runs until the test stops it
+
+
+def _start(argv: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "raypipe.cli", *argv],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: the test signals it as a terminal would
+    )
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not (path.exists() and path.stat().st_size > 0):
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended first (status {proc.returncode}): {proc.stderr.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+# What Ray prints besides raypipe: its processes' logs ("(TrainController pid=12) ..."; their own tracebacks
+# of retried internal calls on a loaded machine included) and Ray Data's progress bars.
+RAY_LOG = re.compile(r"^\s*\((\w+ )?pid=\d+|row/s\]|^\s*- \w+")
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _error_line(stderr: str, ray: bool = False) -> str:
+    """raypipe's own stderr is one `error:` line and nothing after it, never a traceback (with Ray, its
+    processes' log lines are set aside first)."""
+    lines = [ANSI.sub("", line) for line in stderr.replace("\r", "\n").splitlines()]
+    ours = [line for line in lines if line.strip() and not (ray and RAY_LOG.search(line))]
+    assert not any("Traceback" in line for line in ours), stderr[-3000:]
+    errors = [line for line in ours if line.startswith("error:")]
+    assert len(errors) == 1 and ours[-1] == errors[0], stderr[-3000:]
+    return errors[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per output folder.
+
+
+def test_second_run_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_path, capsys):
+    out = tmp_path / "run"
+    first = _start(["run", "--out", str(out), *LONG])
+    try:
+        _wait_for(out / "_lock.json", first)
+        owner = json.loads((out / "_lock.json").read_text())
+        assert owner["pid"] == first.pid and {"host", "started_at", "command"} <= set(owner)
+        config = (out / "config.yaml").read_bytes() if (out / "config.yaml").exists() else None
+
+        second = _start(["run", "--out", str(out), *QUICK, "initial.epochs=2"])  # other settings, 2 s later or so
+        _, stderr = second.communicate(timeout=240)
+        assert second.returncode == 2
+        line = _error_line(stderr)
+        assert f"another raypipe run (pid {first.pid} on {owner['host']}" in line and str(out) in line
+        if config is not None:
+            assert (out / "config.yaml").read_bytes() == config  # the second run wrote nothing
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # dies holding the lock: no cleanup runs
+        first.wait(timeout=60)
+        first.stderr.close()
+    assert json.loads((out / "_lock.json").read_text())["pid"] == first.pid  # left behind
+
+    assert main(["run", "--out", str(out), *QUICK, "initial.epochs=2"]) == 0
+    logs = capsys.readouterr().out
+    assert f"took over the lock of a run that ended without releasing it (pid {first.pid}" in logs
+    assert not (out / "_lock.json").exists() and (out / "report.json").exists()
+
+
+def test_lock_in_one_process_refuses_a_second_holder(tmp_path):
+    uri = str(tmp_path / "run" / "_lock.json")
+    busy = pytest.raises(StorageError, match=f"another raypipe run [(]pid {os.getpid()} ")
+    with RunLock(uri, log=lambda *_: None), busy:
+        RunLock(uri, log=lambda *_: None).__enter__()
+    assert not Path(uri).exists()
+    assert not (tmp_path / "run").exists()  # the lock made the folder, nothing was written in it: removed
+
+
+def test_object_store_marker_refuses_then_a_stale_one_is_taken_over(tmp_path):
+    uri = str(tmp_path / "run" / "_lock.json")
+    logs: list[str] = []
+    held = RunLock(uri, log=logs.append, marker=True).__enter__()
+    try:
+        with pytest.raises(StorageError, match=r"another raypipe run .* last seen \d+ s ago"):
+            RunLock(uri, log=logs.append, marker=True).__enter__()
+        later = RunLock(uri, log=logs.append, marker=True, stale_s=0.0)  # the first run's heartbeat stopped
+        with later:
+            assert json.loads(Path(uri).read_text())["token"] == later.owner["token"]
+        assert any("took over the marker of a run not seen for" in line for line in logs)
+    finally:
+        held.release()
+    assert not Path(uri).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C: one line, exit status 130, nothing unfinished counted as done.
+
+
+def _interrupt_while_training(out: Path, extra: list[str], ray: bool = False) -> None:
+    proc = _start(["run", "--out", str(out), *LONG, *extra])
+    try:
+        _wait_for(out / "initial" / "checkpoint.pt", proc)  # the initial model is training
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "error: interrupted (Ctrl-C)" in _error_line(stderr, ray)
+    assert storage.read_manifest(str(out / "initial")) is None and (out / "initial" / "_pending.json").exists()
+    assert storage.read_manifest(str(out / "data")) is not None
+    assert not (out / "_lock.json").exists()  # released on the way out
+
+
+def test_ctrl_c_local(tmp_path):
+    _interrupt_while_training(tmp_path / "run", ["run.executor=local"])
+
+
+@pytest.mark.ray
+def test_ctrl_c_ray_train(tmp_path):
+    """Ray Train's own SIGINT handler aborted the run and exited with status 1 and no word."""
+    _interrupt_while_training(tmp_path / "run", ["run.executor=ray", "ray.address=local", "ray.num_workers=1"], True)
+
+
+# ---------------------------------------------------------------------------------------------
+# A disk that fills up, a read-only one.
+
+
+def test_disk_full_half_way_is_one_line_and_leaves_the_stage_unfinished(tmp_path, capsys, monkeypatch):
+    write = storage._write_bytes
+
+    def full_in_partition(uri: str, data: bytes) -> None:
+        if "/partition/" in uri:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(uri, data)
+
+    monkeypatch.setattr(storage, "_write_bytes", full_in_partition)
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), *QUICK, "initial.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: cannot write '" in err and "/partition/" in err, err
+    assert "no space left on the device; free some space or use another --out" in err
+    for stage in ("data", "initial", "attribution"):
+        assert storage.read_manifest(str(out / stage)) is not None
+    assert storage.read_manifest(str(out / "partition")) is None
+    assert not list(out.rglob(".tmp-*")) and not (out / "_lock.json").exists()
+
+
+def _mount_tmpfs(path: Path, options: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    return done.returncode == 0
+
+
+def test_real_full_and_read_only_disks(tmp_path, capsys):
+    full, read_only = tmp_path / "full", tmp_path / "ro"
+    if os.geteuid() != 0 or not _mount_tmpfs(full, "size=2m"):
+        pytest.skip("mounting a tmpfs needs root here")
+    try:
+        assert _mount_tmpfs(read_only, "ro,size=100m")
+        assert main(["run", "--out", str(full / "run"), *QUICK]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "MiB free on its disk, and a run needs at least 64 MiB" in err, err
+        assert main(["run", "--out", str(read_only / "run"), *QUICK]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "the file system is read-only; use another --out" in err, err
+        assert os.listdir(full) == [] and os.listdir(read_only) == []
+    finally:
+        for mount in (full, read_only):
+            subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Degenerate results.
+
+
+def test_non_finite_loss_stops_every_rank_at_the_same_epoch():
+    ranks = {0: 0.5, 1: float("nan")}
+
+    def gather(loss: float) -> list[float]:  # what every rank's all_gather returns: both ranks' losses
+        return [ranks[0], ranks[1]]
+
+    for rank in ranks:  # rank 0's own loss is finite, and it stops too
+        stop = StopOnNonFinite("f_ft", "lower f_ft.lr (now 10)", gather)
+        with pytest.raises(TrainingDiverged, match=r"route 'f_ft': the training loss is nan after epoch 3 .*f_ft.lr"):
+            stop.on_epoch_end(3, {"train_loss": ranks[rank]}, LoopState())
+    StopOnNonFinite("f_ft", "").on_epoch_end(1, {"train_loss": 0.1}, LoopState())  # finite: goes on
+
+
+def test_damaged_resume_checkpoint_is_removed_and_training_starts_over(tmp_path):
+    from raypipe.config import ModelConfig, TrainConfig
+    from raypipe.core.models import build_model, model_signature
+    from raypipe.training.checkpoint import restore
+    from raypipe.training.loop import make_optimizer
+
+    model = build_model(ModelConfig(probe_width=8, hidden_width=8), (1, 4, 4), 3)
+    signature = model_signature(ModelConfig(probe_width=8, hidden_width=8), (1, 4, 4), 3)
+    damaged = tmp_path / "checkpoint.pt"
+    damaged.write_bytes(b"PK\x03\x04 cut short")
+    logs: list[str] = []
+    state = restore(
+        str(damaged), model, signature, make_optimizer(list(model.parameters()), TrainConfig()), [], logs.append
+    )
+    assert state.epoch == 0 and not damaged.exists()
+    assert "checkpoint.pt' cannot be loaded" in logs[0] and "training from the first epoch" in logs[0]
+
+
+def test_route_at_chance_is_flagged():
+    data = {"num_classes": 10, "rows": {"test": 400}, "test_majority_fraction": 0.12}
+    chance, threshold = chance_level(data)
+    assert chance == 0.12 and threshold == pytest.approx(0.12 + 2 * (0.12 * 0.88 / 400) ** 0.5)
+    routes = {"initial": {"accuracy": 0.83}, "f_ft": {"accuracy": 0.13}, "retrain": {"accuracy": 0.2}}
+    warnings = chance_warnings(routes, data)
+    assert [r for r, s in routes.items() if s["at_chance"]] == ["f_ft"]
+    assert len(warnings) == 1 and warnings[0].startswith("F-FT is at chance: test accuracy 0.130")
+    assert chance_level({"num_classes": 4, "rows": {"test": 10}})[0] == 0.25  # no class counts: 1 / classes
+
+
+def test_route_at_chance_through_the_cli(tmp_path, capsys):
+    """An initial model that barely trained (a learning rate of 1e-9) is flagged in report.json and report.md."""
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), *QUICK, "initial.epochs=1", "initial.lr=1e-9"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["routes"]["initial"]["at_chance"] is True
+    assert any(w.startswith("Initial is at chance") for w in report["warnings"])
+    assert "## Warnings" in (out / "report.md").read_text()
+    assert "[report] warning: Initial is at chance" in capsys.readouterr().out
+
+
+@pytest.mark.ray
+def test_diverging_route_on_ray_train_is_one_line(ray_cluster, tmp_path, capsys):
+    """Both Train workers see the NaN at the same epoch and stop; the driver says so in one line (Ray Train's
+    retries would only diverge again)."""
+    out = tmp_path / "run"
+    argv = [*QUICK, "initial.optimizer=sgd", "initial.lr=1e8", "run.executor=ray", "ray.num_workers=2"]
+    assert main(["run", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    line = _error_line(err, ray=True)
+    assert re.search(r"route 'initial': the training loss is nan after epoch \d+ .*lower initial.lr", line), line
+    assert storage.read_manifest(str(out / "initial")) is None
+    assert not (out / "initial" / "_failed.json").exists() and not (out / "initial" / "model.pt").exists()
