@@ -17,6 +17,7 @@ class LocalExecutor:
     (a Tune trial hands its own `tune.report` here)."""
 
     name = "local"
+    concurrent_stages = False  # one stage at a time, in table order
 
     def __init__(self, log: Callable[[str], None] = print, report: Callable[[dict[str, Any]], None] | None = None):
         self.log = log
@@ -33,10 +34,18 @@ class LocalExecutor:
                 last = now
         return out
 
-    def attribute(self, model_uri: str, jobs: list[tuple[str, str]], rule: str, batch_size: int, device: str) -> int:
+    def attribute(
+        self,
+        model_uri: str,
+        jobs: list[tuple[str, str]],
+        rule: str,
+        batch_size: int,
+        device: str,
+        keep_features: bool = False,
+    ) -> int:
         if not jobs:
             return 0
-        attributor = ShardAttributor(model_uri, rule, batch_size, device)
+        attributor = ShardAttributor(model_uri, rule, batch_size, device, keep_features)
         return sum(self.map(lambda job: attributor(*job), jobs, "attribution"))
 
     def train(self, request: TrainRequest) -> dict[str, Any]:

@@ -8,12 +8,16 @@ Ray cluster.
   computes only the rest (shards, not Ray's internal blocks, are the unit of resumable work);
 - map: per-shard tasks (the mixture's fit sample, scoring, the sensitivity sums); only their small
   results travel to the driver;
-- train: Ray Train (raypipe.distributed.train), running the one training loop on every worker.
+- train: the one training loop in a Ray task (one worker) or on Ray Train workers (several):
+  `raypipe.distributed.train`. The runner hands independent routes over together (from several
+  threads, `concurrent_stages`); as many run side by side as fit on the cluster, each with its own
+  workers (`resources.routes_at_once`), the others wait for a free slot.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -22,7 +26,7 @@ import numpy as np
 import ray
 
 from raypipe.config import Config
-from raypipe.distributed.resources import Plan, plan_resources
+from raypipe.distributed.resources import Plan, plan_resources, routes_at_once
 from raypipe.errors import RaypipeError
 from raypipe.stages.attribution import ShardAttributor
 from raypipe.stages.train import TrainRequest
@@ -72,8 +76,8 @@ def schedulable_resources(nodes: list[dict[str, float]]) -> dict[str, float]:
 class _ShardActor:
     """Ray Data callable class: one model per actor; a batch = some (in_uri, out_uri) shard jobs."""
 
-    def __init__(self, model_uri: str, rule: str, batch_size: int, device: str):
-        self.attributor = ShardAttributor(model_uri, rule, batch_size, device)
+    def __init__(self, model_uri: str, rule: str, batch_size: int, device: str, keep_features: bool):
+        self.attributor = ShardAttributor(model_uri, rule, batch_size, device, keep_features)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [self.attributor(str(i), str(o)) for i, o in zip(batch["in_uri"], batch["out_uri"], strict=True)]
@@ -86,6 +90,7 @@ def _call(fn: Callable[[Any], Any], item: Any) -> Any:
 
 class RayExecutor:
     name = "ray"
+    concurrent_stages = True
 
     def __init__(self, config: Config, log=print):
         self.config = config
@@ -94,7 +99,12 @@ class RayExecutor:
         self.placement = placement_resources(config.ray.worker_resource)
         nodes = schedulable_nodes(config.ray.worker_resource)
         self.plan: Plan = plan_resources(schedulable_resources(nodes), config.ray, nodes)
-        log(f"[ray] plan: {self.plan}" + (f", on nodes with '{config.ray.worker_resource}'" if self.placement else ""))
+        self.routes_at_once = routes_at_once(self.plan, nodes)
+        self.route_slots = threading.BoundedSemaphore(self.routes_at_once)
+        log(
+            f"[ray] plan: {self.plan}, {self.routes_at_once} route(s) at once"
+            + (f", on nodes with '{config.ray.worker_resource}'" if self.placement else "")
+        )
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], desc: str = "") -> list[Any]:
         items = list(items)
@@ -112,7 +122,15 @@ class RayExecutor:
                 last = now
         return ray.get(refs)
 
-    def attribute(self, model_uri: str, jobs: list[tuple[str, str]], rule: str, batch_size: int, device: str) -> int:
+    def attribute(
+        self,
+        model_uri: str,
+        jobs: list[tuple[str, str]],
+        rule: str,
+        batch_size: int,
+        device: str,
+        keep_features: bool = False,
+    ) -> int:
         if not jobs:
             return 0
         plan = self.plan
@@ -121,7 +139,13 @@ class RayExecutor:
         jobs_ds = ray.data.from_items([{"in_uri": i, "out_uri": o} for i, o in jobs], override_num_blocks=len(jobs))
         out = jobs_ds.map_batches(
             _ShardActor,
-            fn_constructor_kwargs={"model_uri": model_uri, "rule": rule, "batch_size": batch_size, "device": device},
+            fn_constructor_kwargs={
+                "model_uri": model_uri,
+                "rule": rule,
+                "batch_size": batch_size,
+                "device": device,
+                "keep_features": keep_features,
+            },
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors),
             num_cpus=plan.cpus_per_actor,
@@ -134,12 +158,11 @@ class RayExecutor:
         return rows
 
     def train(self, request: TrainRequest) -> dict[str, Any]:
+        """One route on its own workers, once a slot is free (called from several threads at once)."""
         from raypipe.distributed.train import train_on_ray
 
-        ray_cfg = self.config.ray
-        return train_on_ray(
-            request, self.plan, ray_cfg.max_failures, ray_cfg.worker_cache_mb, self.log, placement=self.placement
-        )
+        with self.route_slots:
+            return train_on_ray(request, self.plan, self.config.ray.max_failures, self.log, placement=self.placement)
 
     def close(self) -> None:
         pass  # the cluster outlives the job; a local Ray started here ends with the process

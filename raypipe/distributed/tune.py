@@ -63,7 +63,7 @@ class _TrainOnWorkers(LocalExecutor):
 
         def fit() -> None:
             try:
-                results.put(train_on_ray(request, plan, c["max_failures"], 0, self.log, ingest="memory", relay=relay))
+                results.put(train_on_ray(request, plan, c["max_failures"], self.log, relay=relay))
             except BaseException as e:  # re-raised in the trial function below
                 results.put(e)
 

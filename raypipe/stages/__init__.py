@@ -20,13 +20,25 @@ class Executor(Protocol):
     """What a stage may ask of the place it runs (`raypipe.executors.LocalExecutor`, or the Ray executor)."""
 
     name: str
+    # Whether the runner may hand it independent stages together, each from its own thread (the Ray
+    # executor: each route on its own workers); False: one stage at a time, in table order.
+    concurrent_stages: bool
 
     def map(self, fn: Callable[[T], R], items: Iterable[T], desc: str = "") -> list[R]:
         """[fn(item) for item in items], in order; fn is pure and idempotent (it may run anywhere, twice)."""
         ...
 
-    def attribute(self, model_uri: str, jobs: list[tuple[str, str]], rule: str, batch_size: int, device: str) -> int:
-        """Attribute every (data shard URI, output shard URI) job with the model at `model_uri` -> rows written."""
+    def attribute(
+        self,
+        model_uri: str,
+        jobs: list[tuple[str, str]],
+        rule: str,
+        batch_size: int,
+        device: str,
+        keep_features: bool = False,
+    ) -> int:
+        """Attribute every (data shard URI, output shard URI) job with the model at `model_uri` -> rows written
+        (`keep_features`: each shard's backbone features too, `raypipe.stages.attribution`)."""
         ...
 
     def train(self, request: TrainRequest) -> dict[str, Any]:
