@@ -5,10 +5,12 @@
 - Driver killed (`raypipe run` as a subprocess, SIGKILL at a chosen point, local executor): the rerun skips
   the finished stages, keeps the finished attribution shards (same inode and mtime: not recomputed), and
   ends with the same report as an uninterrupted run (seeded, one thread: the very same numbers).
-- Train worker killed (Ray Train on this module's local Ray, through the fault hook tests/faults installs
-  in its workers): the group restarts from the latest checkpoint, redoes at most the epoch in flight,
-  finishes, and reports metrics close to a clean run of the same route; killed after the trajectory
-  epochs of the initial model, the partition still uses the trajectory signals.
+- Train worker killed (on this module's local Ray, through the fault hook tests/faults installs in its
+  workers): a one-worker route's Ray task is run again from the latest checkpoint and ends with the very
+  numbers of an uninterrupted in-process run; a Ray Train group restarts from the latest checkpoint,
+  redoes at most the epoch in flight, finishes, and reports metrics close to a clean run of the same
+  route; killed after the trajectory epochs of the initial model, the partition still uses the
+  trajectory signals.
 """
 
 from __future__ import annotations
@@ -223,11 +225,12 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _comparable(report: dict[str, Any]) -> dict[str, Any]:
-    """The report without wall times and file locations."""
+    """The report without wall times (and their Unix intervals) and file locations."""
 
     def strip(obj: Any) -> Any:
         if isinstance(obj, dict):
-            return {k: strip(v) for k, v in obj.items() if not k.startswith("seconds") and k != "stages_seconds"}
+            timing = ("stages_seconds", "wall_interval")
+            return {k: strip(v) for k, v in obj.items() if not k.startswith("seconds") and k not in timing}
         if isinstance(obj, list):
             return [strip(v) for v in obj]
         return obj
@@ -358,6 +361,41 @@ def _arm_kill(faults: Path, hook_dir: Path, route: str, epoch: int) -> None:
     """The last rank of `route`'s Train workers dies after one batch of `epoch` (tests/faults)."""
     hook_dir.mkdir()
     (faults / "kill.json").write_text(json.dumps({"route": route, "epoch": epoch, "log": str(hook_dir)}))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_route_task_killed_mid_epoch_resumes_from_checkpoint(reference_run, ray_cluster, faults, tmp_path):
+    """One worker a route: the route is a Ray task, no TorchTrainer. Its worker process dies in epoch 2;
+    Ray runs the task again, which resumes from the checkpoint of epoch 1 and ends as the in-process run did."""
+    import raypipe
+
+    ref_out, ref_report = reference_run
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    config = load_config(None, [*RUN, "run.executor=ray", "ray.num_workers=1", "ray.max_failures=2"])
+    hook_dir = tmp_path / "hook"
+    _arm_kill(faults, hook_dir, "f_ft", 2)
+    logs: list[str] = []
+    try:
+        killed = raypipe.run(config, str(out), from_stage="f_ft", log=logs.append)
+    finally:
+        (faults / "kill.json").unlink()
+
+    assert (hook_dir / "killed-f_ft").exists()  # the task's worker process really died
+    assert any("(a Ray task)" in line for line in logs), logs
+    events = _route_log(hook_dir, "f_ft")
+    assert [(rank, epoch) for kind, rank, epoch in events if kind == "start"] == [(0, 1), (0, 2)], events
+    assert [epoch for kind, _, epoch in events if kind == "epoch"] == [1, 2, 2, 3], events
+    assert not (out / "f_ft" / "checkpoint.pt").exists()  # published: the resume point is gone
+    summary = storage.read_manifest(str(out / "f_ft"))["summary"]
+    assert summary["epochs"] == config.f_ft.epochs and summary["num_workers"] == 1
+    # The same loop, data order and optimizer state as the uninterrupted in-process run: the same numbers.
+    clean, after_kill = ref_report["routes"]["f_ft"], killed["routes"]["f_ft"]
+    for metric in ("accuracy", "macro_f1", "macro_precision", "n_train"):
+        assert after_kill[metric] == pytest.approx(clean[metric], abs=1e-6), metric
+    reference = storage.read_manifest(str(ref_out / "f_ft"))["summary"]["history"]
+    assert [h["train_loss"] for h in summary["history"]] == pytest.approx([h["train_loss"] for h in reference])
 
 
 @pytest.mark.ray
