@@ -32,8 +32,8 @@ QUICK = [
     "data.max_train_samples=400",
     "data.shard_rows=100",  # 4 shards: several actor calls and per-shard tasks
     "initial.epochs=5",
-    # One Ray Train run (the initial model) is enough to see where Train workers go; each run costs
-    # tens of seconds of start-up on 2 CPUs. The fine-tuning routes on Ray: tests/test_jobs.py.
+    # The initial model is enough to see where a one-worker route's Ray task goes (a Ray Train route
+    # is run on its own below). The fine-tuning routes on Ray: tests/test_jobs.py.
     "run.routes=[]",
     "run.executor=ray",
     f"ray.worker_resource={LABEL}",
@@ -144,6 +144,9 @@ def test_pipeline_runs_on_the_labelled_worker_nodes(cluster, tmp_path):
     from ray.util.state import list_actors, list_tasks
 
     import raypipe
+    from raypipe.distributed.ray_executor import RayExecutor
+    from raypipe.layout import RunLayout
+    from raypipe.pipeline import Run, train_request
 
     out = str(tmp_path / "run")
     report = raypipe.run(load_config("jobs/configs/digits.yaml", QUICK), out, log=lambda *_: None)
@@ -159,6 +162,14 @@ def test_pipeline_runs_on_the_labelled_worker_nodes(cluster, tmp_path):
     assert set(report["routes"]) == {"initial"}
     assert 0.0 < report["routes"]["initial"]["accuracy"] <= 1.0
     assert storage.read_json(storage.join(out, "report.json"))["routes"].keys() == report["routes"].keys()
+
+    # A route on two Ray Train workers too (the run above trained its one-worker route in a Ray task).
+    config = load_config("jobs/configs/digits.yaml", [*QUICK, "ray.num_workers=2", "retrain.epochs=1"])
+    executor = RayExecutor(config, log=lambda *_: None)
+    assert executor.plan.num_workers == 2
+    run = Run(config, RunLayout(out), executor, log=lambda *_: None).run(["partition"])  # skipped: finished
+    retrain = executor.train(train_request(run, "retrain", str(tmp_path / "retrain")))
+    assert retrain["num_workers"] == 2 and retrain["epochs"] == 1
 
     # Placement, from Ray's state API: where the actors and tasks of this run ran.
     head = cluster.head_node.node_id
@@ -177,6 +188,8 @@ def test_pipeline_runs_on_the_labelled_worker_nodes(cluster, tmp_path):
     for a in placed:
         assert a.node_id in workers and a.node_id != head, (a.class_name, a.node_id)
     tasks = list_tasks(detail=True, limit=10_000, timeout=120, raise_on_missing_output=False)
+    routes = [t for t in tasks if t.name == "_route_task"]  # the initial model, trained in a Ray task
+    assert routes and all(t.required_resources.get(LABEL) == pytest.approx(0.01) for t in routes), routes
     tasks = [t for t in tasks if t.name == "_call"]
     assert tasks  # the mixture's fit sample, scoring and the sensitivity sums
-    assert {t.node_id for t in tasks} <= workers, {t.node_id for t in tasks}
+    assert {t.node_id for t in tasks + routes} <= workers, {t.node_id for t in tasks + routes}
