@@ -383,7 +383,7 @@ def test_route_task_killed_mid_epoch_resumes_from_checkpoint(reference_run, ray_
         (faults / "kill.json").unlink()
 
     assert (hook_dir / "killed-f_ft").exists()  # the task's worker process really died
-    assert any("(a Ray task)" in line for line in logs), logs
+    assert any("[f_ft] training: a Ray task" in line for line in logs), logs
     events = _route_log(hook_dir, "f_ft")
     assert [(rank, epoch) for kind, rank, epoch in events if kind == "start"] == [(0, 1), (0, 2)], events
     assert [epoch for kind, _, epoch in events if kind == "epoch"] == [1, 2, 2, 3], events

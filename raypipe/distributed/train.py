@@ -106,12 +106,11 @@ def train_on_ray(
     puts every epoch's metrics in (a Tune trial drains it into `tune.report`; Ray Train workers only).
     """
     started_at = time.time()
+    in_task = plan.num_workers == 1 and relay is None
+    where = "a Ray task" if in_task else f"{plan.num_workers} Ray Train workers"
     gpu = f" + {plan.gpus_per_worker:g} GPU" if plan.use_gpu else ""
-    log(
-        f"[{request.route}] {plan.num_workers} worker(s) x {plan.cpus_per_worker:g} CPU{gpu}, "
-        f"{request.train.epochs} epochs" + (" (a Ray task)" if plan.num_workers == 1 and relay is None else "")
-    )
-    if plan.num_workers == 1 and relay is None:
+    log(f"[{request.route}] training: {where}, {plan.cpus_per_worker:g} CPU{gpu} each, {request.train.epochs} epochs")
+    if in_task:
         task = ray.remote(_route_task).options(
             num_cpus=plan.cpus_per_worker,
             num_gpus=plan.gpus_per_worker if plan.use_gpu else 0,
