@@ -94,8 +94,10 @@ class RayExecutor:
             f"[ray] plan: {self.plan}, {self.routes_at_once} route(s) at once"
             + (f", on nodes with '{config.ray.worker_resource}'" if self.placement else "")
         )
-        # Worker processes start and import while the driver prepares the data (not waited for).
-        self.warming = warm_up(self.plan.max_actors, self.plan.cpus_per_task, self.placement)
+        # Worker processes start and import while the driver prepares the data (not waited for); one CPU
+        # is left to the driver. They serve the first route, the attribution and the per-shard tasks.
+        warm = min(self.plan.max_actors, max(1, int(schedulable_resources(nodes)["CPU"]) - 1))
+        self.warming = warm_up(warm, self.plan.cpus_per_task, self.placement)
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], desc: str = "") -> list[Any]:
         items = list(items)
