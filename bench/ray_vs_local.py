@@ -14,6 +14,8 @@ side when the cluster has room: their rows show each route's own seconds, and `r
 wall time they took together (their sum in one process).
 
     .venv/bin/python bench/ray_vs_local.py [--quick] [--sizes 20000,200000] [--replicated-epochs 1] [--abba]
+
+Other sizes (or epochs) than the default write `ray_vs_local_n<sizes>.*`, beside the default's `ray_vs_local.*`.
 """
 
 from __future__ import annotations
@@ -372,8 +374,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.is_child:
         return pipeline_child(args) if args.child == "pipeline" else attribution_child(args)
-    b = C.Bench.start("ray_vs_local", args)
-    sizes_n = [1000] if b.quick else [int(s) for s in args.sizes.split(",")]
+    sizes_n = [int(s) for s in args.sizes.split(",")]
+    default = sizes_n == [20_000, 200_000] and args.replicated_epochs == 1
+    b = C.Bench.start("ray_vs_local" if default or args.quick else f"ray_vs_local_n{'_'.join(map(str, sizes_n))}", args)
+    sizes_n = [1000] if b.quick else sizes_n
     order = ["local", "ray", "ray", "local"] if args.abba else ["local", "ray"]
     sizes, all_ratios, body = [], {}, [f"Order of runs per size: {', '.join(order)} (each in a fresh subprocess).", ""]
     for n in sizes_n:
