@@ -1,6 +1,6 @@
 """Where stage work runs (`raypipe.stages.Executor`): `LocalExecutor` runs it in this process; the Ray
-executor (`raypipe.distributed.ray_executor`) runs the same functions on Ray Data actor pools, Ray
-tasks and Ray Train. `raypipe.api.make_executor` picks one from ``run.executor``."""
+executor (`raypipe.distributed.ray_executor`) runs the same functions in Ray tasks (and actors on
+GPUs) and on Ray Train. `raypipe.api.make_executor` picks one from ``run.executor``."""
 
 from __future__ import annotations
 

@@ -34,8 +34,9 @@ class RunConfig:
     # the repair routes l_ft / f_ft and the retrain baseline.
     routes: list[str] = field(default_factory=lambda: list(REPAIR_ROUTES))
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # `local`: every stage in this process. `ray`: attribution on Ray Data, per-shard work in Ray tasks,
-    # training in Ray tasks (one worker a route) or on Ray Train (several), independent routes side by side.
+    # `local`: every stage in this process. `ray`: attribution and per-shard work in Ray tasks (attribution on
+    # an actor per GPU when there are GPUs), training in a Ray task a route (one worker) or on Ray Train
+    # (several), independent routes side by side.
     executor: Literal["local", "ray"] = "local"
 
     def validate(self) -> None:
@@ -240,7 +241,7 @@ class PruneConfig:
 class RayConfig:
     # None: join a running cluster if RAY_ADDRESS is set, else start local Ray.
     address: str | None = None
-    # Attribution actor pool; 0 = sized from the cluster.
+    # Attribution tasks (actors, one per GPU, on GPUs) running at once; 0 = sized from the cluster.
     max_actors: int = 0
     # Data-parallel workers of each training route (1: a Ray task, more: Ray Train); 0 = sized from the cluster.
     # Each holds the route's training samples in memory.

@@ -21,13 +21,13 @@ from raypipe.errors import ConfigError, RaypipeError
 @dataclass(frozen=True)
 class Plan:
     use_gpu: bool
-    # Attribution actor pool.
+    # Attribution: tasks (actors on GPUs) at once, and what each holds.
     max_actors: int
     cpus_per_actor: float
     gpus_per_actor: float
     # Generic per-shard tasks (fit sample, scoring, sufficient statistics).
     cpus_per_task: float
-    # Ray Train.
+    # Training: workers per route (1: a Ray task, more: Ray Train), and what each holds.
     num_workers: int
     cpus_per_worker: float
     gpus_per_worker: float

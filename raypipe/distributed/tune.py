@@ -1,7 +1,7 @@
 """Ray Tune over the repair's settings: the thin wrapper around :mod:`raypipe.sweep`.
 
 - the shared stages (data, initial model, one attribution per rule) run once, before any trial, on
-  the configured executor (``run.executor``: in this process, or Ray Data / Ray Train);
+  the configured executor (``run.executor``: in this process, or on Ray);
 - each trial is a Tune function trainable running :func:`raypipe.sweep.trial.run_trial`: the
   pipeline from the partition on, its fine-tuning reporting every epoch to ``tune.report`` so ASHA
   can stop bad trials early. With ``sweep.workers_per_trial > 1`` the fine-tuning runs on a

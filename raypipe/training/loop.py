@@ -107,7 +107,8 @@ def per_rank_batch(batch_size: int, world: int) -> int:
 
 
 class EpochData(Protocol):
-    """Where the loop's batches come from: in memory (`InMemory`) or streamed (a Ray Train worker's shard)."""
+    """Where the loop's batches come from: samples in memory (`InMemory`, this rank's stride of each epoch's
+    permutation) or L-FT's backbone features (`CachedFeatures`)."""
 
     def batches(self, epoch: int) -> Iterable[Batch]: ...
 
