@@ -108,7 +108,7 @@ def attribution_child(args) -> None:
 
     from raypipe.api import make_executor
     from raypipe.layout import RunLayout
-    from raypipe.stages.attribution import pending_shards
+    from raypipe.stages.attribution import AttributionPass, pending_shards
     from raypipe.stages.data import train_shards
 
     cfg = C.config([*json.loads(args.overrides), f"ray.max_actors={args.actors}"], args.data)
@@ -126,7 +126,8 @@ def attribution_child(args) -> None:
     jobs = pending_shards(train_shards(base.stage("data")), str(out))
     a = cfg.attribution
     load0, t0 = C.loadavg(), time.perf_counter()
-    rows = executor.attribute(base.model("initial"), jobs, a.rule, a.batch_size, cfg.run.device, keep_features=True)
+    spec = AttributionPass(base.model("initial"), a.rule, a.batch_size, cfg.run.device, keep_features=True)
+    rows = executor.attribute(spec, jobs)
     seconds = time.perf_counter() - t0
     result = {"rows": rows, "seconds": seconds, "samples_per_s": rows / seconds, "loadavg": [load0, C.loadavg()]}
     if cluster is not None:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from raypipe.stages.attribution import ShardAttributor
+from raypipe.stages.attribution import AttributionPass
 from raypipe.stages.train import TrainRequest, train_local
 
 
@@ -34,18 +34,10 @@ class LocalExecutor:
                 last = now
         return out
 
-    def attribute(
-        self,
-        model_uri: str,
-        jobs: list[tuple[str, str]],
-        rule: str,
-        batch_size: int,
-        device: str,
-        keep_features: bool = False,
-    ) -> int:
+    def attribute(self, spec: AttributionPass, jobs: list[tuple[str, str]]) -> int:
         if not jobs:
             return 0
-        attributor = ShardAttributor(model_uri, rule, batch_size, device, keep_features)
+        attributor = spec.attributor()
         return sum(self.map(lambda job: attributor(*job), jobs, "attribution"))
 
     def train(self, request: TrainRequest) -> dict[str, Any]:

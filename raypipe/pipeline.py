@@ -115,8 +115,10 @@ def _attribution(r: Run, uri: str) -> dict[str, Any]:
     jobs = attribution.pending_shards(data_stage.train_shards(r.layout.stage("data")), uri)
     r.log(f"[attribution] rule {rule}: {len(jobs)} of {data['n_shards']} shards to compute")
     keep_features = "l_ft" in cfg.run.routes  # L-FT trains the head on them (raypipe.stages.attribution)
-    model = r.layout.model("initial")
-    rows = r.executor.attribute(model, jobs, rule, cfg.attribution.batch_size, cfg.run.device, keep_features)
+    spec = attribution.AttributionPass(
+        r.layout.model("initial"), rule, cfg.attribution.batch_size, cfg.run.device, keep_features
+    )
+    rows = r.executor.attribute(spec, jobs)
     return {"rule": rule, "rows": data["rows"]["train"], "rows_computed": rows}
 
 

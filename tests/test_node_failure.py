@@ -173,7 +173,8 @@ def test_node_lost_during_attribution(cluster, inputs, tmp_path):
 
     killer = threading.Thread(target=lose_a_node, daemon=True)
     killer.start()
-    rows = executor.attribute(model_uri, attribute.pending_shards(shards, str(ray_out)), RULE, BATCH, "cpu")
+    spec = attribute.AttributionPass(model_uri, RULE, BATCH)
+    rows = executor.attribute(spec, attribute.pending_shards(shards, str(ray_out)))
     killer.join(timeout=60)
 
     # The node really went away in the middle of the job.
@@ -193,9 +194,7 @@ def test_node_lost_during_attribution(cluster, inputs, tmp_path):
     assert len(remote["sample_id"]) == len(np.unique(remote["sample_id"])) == N_ROWS
 
     local_out = str(tmp_path / "local")
-    LocalExecutor(log=lambda *_: None).attribute(
-        model_uri, attribute.pending_shards(shards, local_out), RULE, BATCH, "cpu"
-    )
+    LocalExecutor(log=lambda *_: None).attribute(spec, attribute.pending_shards(shards, local_out))
     local = _read(local_out)
     order_l, order_r = np.argsort(local["sample_id"]), np.argsort(remote["sample_id"])
     assert np.array_equal(local["sample_id"][order_l], remote["sample_id"][order_r])

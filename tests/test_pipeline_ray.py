@@ -52,15 +52,13 @@ def base_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("rule", ["grad_x_act_maxclass", "last_layer_grad"])
-def test_ray_data_attribution_equals_in_process(base_run, ray_executor, tmp_path, rule):
+def test_ray_attribution_equals_in_process(base_run, ray_executor, tmp_path, rule):
     shards = prepare.train_shards(RunLayout(base_run).stage("data"))
-    assert len(shards) >= 3  # several shards, so several actor calls
-    model_uri = RunLayout(base_run).model("initial")
+    assert len(shards) >= 3  # several shards, so several tasks
+    spec = attribute.AttributionPass(RunLayout(base_run).model("initial"), rule, 64)
     local_out, ray_out = str(tmp_path / "local"), str(tmp_path / "ray")
-    LocalExecutor(log=lambda *_: None).attribute(
-        model_uri, attribute.pending_shards(shards, local_out), rule, 64, "cpu"
-    )
-    rows = ray_executor.attribute(model_uri, attribute.pending_shards(shards, ray_out), rule, 64, "cpu")
+    LocalExecutor(log=lambda *_: None).attribute(spec, attribute.pending_shards(shards, local_out))
+    rows = ray_executor.attribute(spec, attribute.pending_shards(shards, ray_out))
 
     local, remote = _read_attribution(local_out), _read_attribution(ray_out)
     n_train = storage.read_manifest(RunLayout(base_run).stage("data"))["summary"]["rows"]["train"]
@@ -80,12 +78,9 @@ def test_attribution_on_an_actor_pool_equals_in_process(base_run, ray_cluster, t
     from raypipe.distributed.shards import attribute_on_actors
 
     shards = prepare.train_shards(RunLayout(base_run).stage("data"))
-    model_uri = RunLayout(base_run).model("initial")
+    spec = attribute.AttributionPass(RunLayout(base_run).model("initial"), "grad_x_act_label", 64, keep_features=True)
     local_out, ray_out = str(tmp_path / "local"), str(tmp_path / "ray")
-    LocalExecutor(log=lambda *_: None).attribute(
-        model_uri, attribute.pending_shards(shards, local_out), "grad_x_act_label", 64, "cpu", keep_features=True
-    )
-    spec = (model_uri, "grad_x_act_label", 64, "cpu", True)
+    LocalExecutor(log=lambda *_: None).attribute(spec, attribute.pending_shards(shards, local_out))
     rows = attribute_on_actors(spec, attribute.pending_shards(shards, ray_out), 2, 1.0, 0.0, {})
     assert rows == sum(len(columns_from_table(storage.read_table(u, ["sample_id"]))["sample_id"]) for u in shards)
     local, remote = _read_attribution(local_out), _read_attribution(ray_out)
@@ -102,11 +97,9 @@ def test_attribution_on_an_actor_pool_equals_in_process(base_run, ray_cluster, t
 def test_ray_block_sums_equal_single_block(base_run, ray_executor, tmp_path):
     """The sensitivity statistics merged from per-shard Ray tasks equal one pass over all rows."""
     shards = prepare.train_shards(RunLayout(base_run).stage("data"))
-    model_uri = RunLayout(base_run).model("initial")
+    spec = attribute.AttributionPass(RunLayout(base_run).model("initial"), "loss", 64)
     attr_out = str(tmp_path / "attr")
-    LocalExecutor(log=lambda *_: None).attribute(
-        model_uri, attribute.pending_shards(shards, attr_out), "loss", 64, "cpu"
-    )
+    LocalExecutor(log=lambda *_: None).attribute(spec, attribute.pending_shards(shards, attr_out))
     # A fake partition aligned with the attribution shards.
     part_out = str(tmp_path / "part")
     rng = np.random.default_rng(0)

@@ -15,6 +15,7 @@ Ray cluster.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -26,6 +27,7 @@ from raypipe.config import Config
 from raypipe.distributed.resources import Plan, plan_resources, routes_at_once
 from raypipe.distributed.shards import attribute_in_tasks, attribute_on_actors, run_bounded, warm_up
 from raypipe.errors import RaypipeError
+from raypipe.stages.attribution import AttributionPass
 from raypipe.stages.train import TrainRequest
 
 # What each actor, task and Train worker asks of `ray.worker_resource`: a token amount, so a node
@@ -106,19 +108,11 @@ class RayExecutor:
         threads = max(1, int(self.plan.cpus_per_task))
         return run_bounded(lambda item: remote.remote(fn_ref, threads, item), items, max(len(items), 1), desc, self.log)
 
-    def attribute(
-        self,
-        model_uri: str,
-        jobs: list[tuple[str, str]],
-        rule: str,
-        batch_size: int,
-        device: str,
-        keep_features: bool = False,
-    ) -> int:
+    def attribute(self, spec: AttributionPass, jobs: list[tuple[str, str]]) -> int:
         if not jobs:
             return 0
         plan = self.plan
-        spec = (model_uri, rule, batch_size, "cuda" if plan.use_gpu else "cpu", keep_features)
+        spec = dataclasses.replace(spec, device="cuda" if plan.use_gpu else "cpu")  # where the plan puts it
         n = max(1, min(plan.max_actors, len(jobs)))
         if plan.use_gpu:
             return attribute_on_actors(spec, jobs, n, plan.cpus_per_actor, plan.gpus_per_actor, self.placement)

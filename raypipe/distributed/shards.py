@@ -26,26 +26,23 @@ import ray
 import torch
 
 from raypipe import storage
-from raypipe.stages.attribution import ShardAttributor
-
-# (model URI, rule, batch size, device, keep_features): what an attribution pass loads once per process.
-AttributionSpec = tuple[str, str, int, str, bool]
+from raypipe.stages.attribution import AttributionPass, ShardAttributor
 
 _loaded: dict[tuple[Any, ...], ShardAttributor] = {}  # this worker process's model, kept between tasks
 
 
-def _attributor(spec: AttributionSpec) -> ShardAttributor:
+def _attributor(spec: AttributionPass) -> ShardAttributor:
     """The attributor of `spec`, loaded once per worker process (again when the model file changed)."""
-    fs, path = storage.resolve(spec[0])
+    fs, path = storage.resolve(spec.model_uri)
     info = fs.get_file_info(path)
-    key = (*spec, info.mtime_ns, info.size)
+    key = (spec, info.mtime_ns, info.size)
     if key not in _loaded:
         _loaded.clear()  # one model per process
-        _loaded[key] = ShardAttributor(*spec)
+        _loaded[key] = spec.attributor()
     return _loaded[key]
 
 
-def attribute_shard(spec: AttributionSpec, threads: int, in_uri: str, out_uri: str) -> int:
+def attribute_shard(spec: AttributionPass, threads: int, in_uri: str, out_uri: str) -> int:
     """One data shard -> its published attribution shard; rows written."""
     torch.set_num_threads(threads)
     return _attributor(spec)(in_uri, out_uri)
@@ -54,7 +51,7 @@ def attribute_shard(spec: AttributionSpec, threads: int, in_uri: str, out_uri: s
 class ShardActor:
     """One model on one GPU for a whole attribution pass."""
 
-    def attribute(self, spec: AttributionSpec, threads: int, in_uri: str, out_uri: str) -> int:
+    def attribute(self, spec: AttributionPass, threads: int, in_uri: str, out_uri: str) -> int:
         return attribute_shard(spec, threads, in_uri, out_uri)
 
 
@@ -100,7 +97,7 @@ def run_bounded(
 
 
 def attribute_in_tasks(
-    spec: AttributionSpec,
+    spec: AttributionPass,
     jobs: list[tuple[str, str]],
     concurrent: int,
     cpus: float,
@@ -115,7 +112,7 @@ def attribute_in_tasks(
 
 
 def attribute_on_actors(
-    spec: AttributionSpec,
+    spec: AttributionPass,
     jobs: list[tuple[str, str]],
     actors: int,
     cpus: float,

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
+    from raypipe.stages.attribution import AttributionPass
     from raypipe.stages.train import TrainRequest
 
 T = TypeVar("T")
@@ -28,17 +29,8 @@ class Executor(Protocol):
         """[fn(item) for item in items], in order; fn is pure and idempotent (it may run anywhere, twice)."""
         ...
 
-    def attribute(
-        self,
-        model_uri: str,
-        jobs: list[tuple[str, str]],
-        rule: str,
-        batch_size: int,
-        device: str,
-        keep_features: bool = False,
-    ) -> int:
-        """Attribute every (data shard URI, output shard URI) job with the model at `model_uri` -> rows written
-        (`keep_features`: each shard's backbone features too, `raypipe.stages.attribution`)."""
+    def attribute(self, spec: AttributionPass, jobs: list[tuple[str, str]]) -> int:
+        """Attribute every (data shard URI, output shard URI) job as `spec` says -> rows written."""
         ...
 
     def train(self, request: TrainRequest) -> dict[str, Any]:

@@ -12,6 +12,8 @@ L-FT trains the head on them instead of running the frozen backbone again (`read
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,6 +25,21 @@ from raypipe.data import batch_from_table
 from raypipe.tables import columns_from_table, table_from_columns
 from raypipe.training.checkpoint import load_model
 from raypipe.training.loop import resolve_device
+
+
+@dataclass(frozen=True)
+class AttributionPass:
+    """What one attribution pass computes with: the model, the rule, the batch size, the device, and
+    whether it keeps the backbone's features for L-FT."""
+
+    model_uri: str
+    rule: str
+    batch_size: int
+    device: str = "cpu"
+    keep_features: bool = False
+
+    def attributor(self) -> ShardAttributor:
+        return ShardAttributor(self.model_uri, self.rule, self.batch_size, self.device, self.keep_features)
 
 
 class ShardAttributor:
