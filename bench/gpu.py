@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--ft-epochs", type=int, default=1, help="L-FT, F-FT and Retrain epochs")
     args = parser.parse_args()
     C.set_threads(args.threads)
-    b = C.Bench("gpu", args, data="synthetic CIFAR-shaped (3x32x32 uint8, 10 classes), written by bench/gpu.py")
+    b = C.Bench("gpu", args, data="synthetic-cifar")
     n = 400 if b.quick else args.n
     data_path = b.runs(f"synthetic_cifar_{n}.parquet")
     t0 = time.perf_counter()

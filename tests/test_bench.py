@@ -40,7 +40,7 @@ def run_quick(name: str, tmp_path: Path, runs: bool = True) -> tuple[dict, str]:
     data = json.loads((results / f"{name}_quick.json").read_text())
     md = (results / f"{name}_quick.md").read_text()
     meta = data["meta"]
-    assert meta["dataset"] in ("fashion-mnist", "digits")
+    assert meta["dataset"] in ("fashion-mnist", "digits", "synthetic-cifar")
     assert "--quick" in meta["command"] and meta["wall_seconds"] > 0
     assert md.startswith("# ") and "\nData: " in md and "## Against the goal" in md
     return data, md
@@ -141,8 +141,9 @@ def test_ray_vs_local_quick(tmp_path):
     assert set(data) == {"meta", "sizes", "ratios", "attribution"}
     (size,) = data["sizes"]
     assert [r["executor"] for r in size["runs"]] == ["local", "ray"]
-    for run in size["runs"]:  # the whole pipeline, every route, both ways
-        assert run["stages_ran"] == ["data", "initial", "attribution", "partition", "prune", "l_ft", "f_ft", "retrain"]
+    for run in size["runs"]:  # the whole pipeline, every route, both ways (on Ray the routes end in any order)
+        assert run["stages_ran"][:5] == ["data", "initial", "attribution", "partition", "prune"]
+        assert sorted(run["stages_ran"][5:]) == ["f_ft", "l_ft", "retrain"]
         assert all(accuracy(a) for a in run["accuracy"].values()) and finite(run["total_seconds"], 0)
         assert all(finite(s, 0) for s in run["route_seconds"].values()) and finite(run["driver_peak_rss_mib"], 100)
     local, ray = size["runs"]
