@@ -118,10 +118,8 @@ def attribution_child(args) -> None:
         cluster, root = _two_node_cluster()
         ray.init(address=cluster.address, logging_level="ERROR")
     executor = make_executor(cfg, lambda *_: None)
-    if cfg.run.executor == "ray":  # one warm worker process per actor, as in the pipeline after the Initial
-        from raypipe.distributed.shards import warm_up
-
-        ray.get([*executor.warming, *warm_up(args.actors, executor.plan.cpus_per_actor, executor.placement)])
+    if cfg.run.executor == "ray":
+        executor.ready()  # its worker processes started and imported, as in the pipeline
     out = C.fresh_dir(Path(args.out))
     jobs = pending_shards(train_shards(base.stage("data")), str(out))
     a = cfg.attribution

@@ -96,12 +96,18 @@ class RayExecutor:
             f"[ray] plan: {self.plan}, {self.routes_at_once} route(s) at once"
             + (f", on nodes with '{config.ray.worker_resource}'" if self.placement else "")
         )
-        # Worker processes start and import while the driver prepares the data (not waited for); one CPU
-        # is left to the driver. They serve the first route, the attribution and the per-shard tasks.
-        warm = min(self.plan.max_actors, max(1, int(schedulable_resources(nodes)["CPU"]) - 1))
-        self.warming = warm_up(warm, self.plan.cpus_per_task, self.placement)
+        # One worker process per attribution task starts and imports while the driver prepares the data;
+        # the first route, the attribution and the per-shard tasks then run on them (`ready`).
+        self.warming = warm_up(self.plan.max_actors, self.placement)
+
+    def ready(self) -> None:
+        """Wait (once, at most a minute) for the warm-up: a task sent before would start in a cold process."""
+        if self.warming:
+            ray.wait(self.warming, num_returns=len(self.warming), timeout=60.0)
+            self.warming = []
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], desc: str = "") -> list[Any]:
+        self.ready()
         items = list(items)
         remote = ray.remote(_call).options(num_cpus=self.plan.cpus_per_task, resources=self.placement)
         fn_ref = ray.put(fn)  # once: the tasks read it from the object store (arrays without a copy)
@@ -111,6 +117,7 @@ class RayExecutor:
     def attribute(self, spec: AttributionPass, jobs: list[tuple[str, str]]) -> int:
         if not jobs:
             return 0
+        self.ready()
         plan = self.plan
         spec = dataclasses.replace(spec, device="cuda" if plan.use_gpu else "cpu")  # where the plan puts it
         n = max(1, min(plan.max_actors, len(jobs)))
@@ -122,6 +129,7 @@ class RayExecutor:
         """One route on its own workers, once a slot is free (called from several threads at once)."""
         from raypipe.distributed.train import train_on_ray
 
+        self.ready()
         with self.route_slots:
             return train_on_ray(request, self.plan, self.config.ray.max_failures, self.log, placement=self.placement)
 

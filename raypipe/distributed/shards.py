@@ -8,7 +8,8 @@ machine). So on CPUs attribution runs in plain tasks, each worker process loadin
 one-worker training routes, warm. (An actor pool starts processes of its own and, as Ray keeps about
 one idle worker per CPU, pushes the warm ones out: the partition's tasks right after it measured
 9.2 s against 2.0 s on warm workers, 12k samples on 2 CPUs.) `warm_up` starts and imports those
-processes while the driver prepares the data. Ray runs each GPU task in a fresh process
+processes while the driver prepares the data, and the executor waits for them before its first task
+(a cold task would spend that time importing anyway). Ray runs each GPU task in a fresh process
 (`max_calls=1` for GPU tasks), so with GPUs every GPU gets one actor for the whole pass instead.
 
 Failures: a task whose worker or node died is run again (Ray retries system failures); an actor whose
@@ -62,9 +63,11 @@ def _warm() -> None:
     import raypipe.stages.train  # noqa: F401
 
 
-def warm_up(processes: int, cpus: float, placement: dict[str, float]) -> list[ray.ObjectRef]:
-    """Start `processes` worker processes importing raypipe's stage modules, without waiting for them."""
-    task = ray.remote(_warm).options(num_cpus=cpus, resources=placement)
+def warm_up(processes: int, placement: dict[str, float]) -> list[ray.ObjectRef]:
+    """Start `processes` worker processes importing raypipe's stage modules (spread over the nodes that
+    have CPUs), without waiting for them. Each holds a token 0.01 CPU in Ray's books: importing must not
+    keep other tasks waiting, and the driver's own work runs beside it."""
+    task = ray.remote(_warm).options(num_cpus=0.01, resources=placement, scheduling_strategy="SPREAD")
     return [task.remote() for _ in range(processes)]
 
 
