@@ -1,6 +1,6 @@
 """Where stage work runs (`raypipe.stages.Executor`): `LocalExecutor` runs it in this process; the Ray
-executor (`raypipe.distributed.ray_executor`) runs the same functions on Ray Data actor pools, Ray
-tasks and Ray Train. `raypipe.api.make_executor` picks one from ``run.executor``."""
+executor (`raypipe.distributed.ray_executor`) runs the same functions in Ray tasks (and actors on
+GPUs) and on Ray Train. `raypipe.api.make_executor` picks one from ``run.executor``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from raypipe.stages.attribution import ShardAttributor
+from raypipe.stages.attribution import AttributionPass
 from raypipe.stages.train import TrainRequest, train_local
 
 
@@ -17,6 +17,7 @@ class LocalExecutor:
     (a Tune trial hands its own `tune.report` here)."""
 
     name = "local"
+    concurrent_stages = False  # one stage at a time, in table order
 
     def __init__(self, log: Callable[[str], None] = print, report: Callable[[dict[str, Any]], None] | None = None):
         self.log = log
@@ -33,10 +34,10 @@ class LocalExecutor:
                 last = now
         return out
 
-    def attribute(self, model_uri: str, jobs: list[tuple[str, str]], rule: str, batch_size: int, device: str) -> int:
+    def attribute(self, spec: AttributionPass, jobs: list[tuple[str, str]]) -> int:
         if not jobs:
             return 0
-        attributor = ShardAttributor(model_uri, rule, batch_size, device)
+        attributor = spec.attributor()
         return sum(self.map(lambda job: attributor(*job), jobs, "attribution"))
 
     def train(self, request: TrainRequest) -> dict[str, Any]:

@@ -10,6 +10,8 @@ its ``_manifest.json``, plus the run's own files::
     <run>/data/val.parquet, test.parquet
     <run>/initial/model.pt                 the model to repair (+ trajectory/ when raypipe trained it)
     <run>/attribution/part-NNNNN.parquet   one row per training sample, aligned with the data shards
+    <run>/attribution/features/part-NNNNN.parquet   the backbone's features (the head's input), kept
+                                           when L-FT will train the head on them
     <run>/partition/part-NNNNN.parquet     p_noisy, is_clean, suggested label, aligned likewise
     <run>/partition/signals/, label_issues.parquet, mixture.json
     <run>/prune/model.pt, neurons.json
@@ -80,6 +82,17 @@ def trajectory_file(stage_uri: str) -> str:
 def ray_train_dir(stage_uri: str) -> str:
     """Ray Train's own storage for one training stage (its run state; our checkpoints live beside it)."""
     return join(stage_uri, "ray_train")
+
+
+def features_dir(attribution_uri: str) -> str:
+    """The backbone features [N, F] the attribution pass keeps for L-FT, one shard per attribution shard."""
+    return join(attribution_uri, "features")
+
+
+def features_shard(attribution_shard_uri: str) -> str:
+    """The features shard beside an attribution shard (same name, in `features_dir`)."""
+    folder, name = attribution_shard_uri.rsplit("/", 1)
+    return join(features_dir(folder), name)
 
 
 def signals_dir(partition_uri: str) -> str:

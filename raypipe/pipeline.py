@@ -26,6 +26,7 @@ Before the first stage after `data`, the settings are checked against the data
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -98,6 +99,7 @@ def train_request(r: Run, route: str, out_uri: str) -> TrainRequest:
         trajectory_epochs=cfg.detection.aum_epochs if trajectory else 0,
         early_loss_epoch=cfg.detection.early_loss_epoch,
         val_uri=r.validate_on if route != "initial" else None,
+        attribution_uri=lay.stage("attribution") if route == "l_ft" else None,
     )
 
 
@@ -129,7 +131,11 @@ def _attribution(r: Run, uri: str) -> dict[str, Any]:
     rule = cfg.attribution.rule
     jobs = attribution.pending_shards(data_stage.train_shards(r.layout.stage("data")), uri)
     r.log(f"[attribution] rule {rule}: {len(jobs)} of {data['n_shards']} shards to compute")
-    rows = r.executor.attribute(r.layout.model("initial"), jobs, rule, cfg.attribution.batch_size, cfg.run.device)
+    keep_features = "l_ft" in cfg.run.routes  # L-FT trains the head on them (raypipe.stages.attribution)
+    spec = attribution.AttributionPass(
+        r.layout.model("initial"), rule, cfg.attribution.batch_size, cfg.run.device, keep_features
+    )
+    rows = r.executor.attribute(spec, jobs)
     return {"rule": rule, "rows": data["rows"]["train"], "rows_computed": rows}
 
 
@@ -163,9 +169,10 @@ def _route(route: str) -> Stage:
         out = {"train": _asdict(cfg.section(route)), "seed": cfg.run.seed}
         return {**out, "model": _asdict(cfg.model)} if route == "retrain" else out
 
+    inputs = {"retrain": ("data", "partition"), "l_ft": ("data", "attribution", "partition", "prune")}
     return Stage(
         route,
-        ("data", "partition") if route == "retrain" else ("data", "partition", "prune"),
+        inputs.get(route, ("data", "partition", "prune")),
         settings,
         lambda r, uri: r.executor.train(train_request(r, route, uri)),
         enabled=lambda cfg: route in cfg.run.routes,
@@ -232,15 +239,24 @@ class Run:
         return self.manifest(name)["summary"]
 
     def run(self, names: Iterable[str] | None = None) -> Run:
-        """Run (or skip) the stages of the table named in `names` (default: all), in table order; the
-        settings are checked against the data before the first stage after it."""
+        """Run (or skip) the stages of the table named in `names` (default: all). A stage starts once the
+        stages it reads are done; the settings are checked against the data before the first stage after
+        it. Independent training routes go to an executor with `concurrent_stages` together, each from its
+        own thread (the Ray executor runs side by side what fits on the cluster); any other executor gets
+        one stage at a time, in table order."""
         wanted = set(STAGE_NAMES if names is None else names)
-        for stage in STAGES:
-            if stage.name in wanted and stage.enabled(self.config):
-                if stage.name != "data" and not self.data_checked:
-                    check_against_data(self.config, self.summary("data"))
-                    self.data_checked = True
-                self.run_stage(stage)
+        todo = [s for s in STAGES if s.name in wanted and s.enabled(self.config)]
+        while todo:
+            waiting = {s.name for s in todo}
+            ready = [s for s in todo if waiting.isdisjoint(s.inputs)]
+            if ready[0].name != "data" and not self.data_checked:
+                check_against_data(self.config, self.summary("data"))
+                self.data_checked = True
+            routes = [s for s in ready if s.name in REPAIR_ROUTES]
+            together = getattr(self.executor, "concurrent_stages", False) and ready[0] in routes and len(routes) > 1
+            group = routes if together else ready[:1]
+            _run_together(self.run_stage, group)
+            todo = [s for s in todo if s not in group]
         return self
 
     def run_stage(self, stage: Stage) -> dict[str, Any]:
@@ -360,6 +376,29 @@ def remove_report(run_layout: RunLayout, log=print) -> None:
         storage.remove_tree(uri)
     if found:
         log("[run] a stage is computed again: removed the report of the previous results")
+
+
+def _run_together(run_stage: Callable[[Stage], Any], stages: list[Stage]) -> None:
+    """run_stage(s) for every stage, each in its own (daemon) thread when there are several; the first
+    failure is raised once every stage has ended (the others finish and keep their manifests)."""
+    if len(stages) == 1:
+        run_stage(stages[0])
+        return
+    failures: list[BaseException] = []
+
+    def body(stage: Stage) -> None:
+        try:
+            run_stage(stage)
+        except BaseException as e:  # re-raised below, in the caller's thread
+            failures.append(e)
+
+    threads = [threading.Thread(target=body, args=(s,), name=f"raypipe-{s.name}", daemon=True) for s in stages]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failures:
+        raise failures[0]
 
 
 def run(config: Config, run_uri: str, executor: Executor, from_stage: str | None = None, log=print) -> Run:

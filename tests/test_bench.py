@@ -40,7 +40,7 @@ def run_quick(name: str, tmp_path: Path, runs: bool = True) -> tuple[dict, str]:
     data = json.loads((results / f"{name}_quick.json").read_text())
     md = (results / f"{name}_quick.md").read_text()
     meta = data["meta"]
-    assert meta["dataset"] in ("fashion-mnist", "digits")
+    assert meta["dataset"] in ("fashion-mnist", "digits", "synthetic-cifar")
     assert "--quick" in meta["command"] and meta["wall_seconds"] > 0
     assert md.startswith("# ") and "\nData: " in md and "## Against the goal" in md
     return data, md
@@ -138,14 +138,35 @@ def test_scale_quick(tmp_path):
 @pytest.mark.ray
 def test_ray_vs_local_quick(tmp_path):
     data, md = run_quick("ray_vs_local", tmp_path)
-    assert set(data) == {"meta", "runs", "ratios", "attribution_samples_per_s", "driver_peak_rss_mib"}
-    assert [r["executor"] for r in data["runs"]] == ["local", "ray"]
-    for run in data["runs"]:  # --quick: no route after the Initial (each Ray Train route costs ~25 s)
-        assert run["stages_ran"] == ["data", "initial", "attribution", "partition", "prune"]
-        assert accuracy(run["accuracy"]["initial"]) and finite(run["total_seconds"], 0)
-    assert all(finite(v, 0) for v in data["ratios"].values())
-    assert all(finite(v, 0) for v in data["attribution_samples_per_s"].values())
-    assert "**total wall**" in md
+    assert set(data) == {"meta", "sizes", "ratios", "attribution"}
+    (size,) = data["sizes"]
+    assert [r["executor"] for r in size["runs"]] == ["local", "ray"]
+    for run in size["runs"]:  # the whole pipeline, every route, both ways (on Ray the routes end in any order)
+        assert run["stages_ran"][:5] == ["data", "initial", "attribution", "partition", "prune"]
+        assert sorted(run["stages_ran"][5:]) == ["f_ft", "l_ft", "retrain"]
+        assert all(accuracy(a) for a in run["accuracy"].values()) and finite(run["total_seconds"], 0)
+        assert all(finite(s, 0) for s in run["route_seconds"].values()) and finite(run["driver_peak_rss_mib"], 100)
+    local, ray = size["runs"]
+    assert local["routes_overlapped"] == {}  # one process: one route after the other
+    assert ray["accuracy"] == pytest.approx(local["accuracy"], abs=0.005)  # the same computation
+    ratios = data["ratios"][str(size["n"])]
+    assert finite(ratios["**total wall**"], 0) and finite(ratios["attribution"], 0)
+    setups = data["attribution"]
+    assert list(setups) == ["in-process", "Ray, 1 actor", "Ray, 2 actors", "2-node cluster"]
+    assert all(finite(r["samples_per_s"], 0) and r["rows"] == local["rows"] for r in setups.values())
+    assert setups["2-node cluster"]["nodes"] == 3  # a head and two worker nodes
+    assert "**total wall**" in md and "### Attribution samples / s" in md and "L-FT epoch" in md
+
+
+@pytest.mark.ray
+def test_gpu_quick(tmp_path):
+    """The GPU script's whole run on CPUs (cnn_small, a few hundred synthetic images)."""
+    data, md = run_quick("gpu", tmp_path)
+    assert set(data) == {"meta", "gpus", "gpu_names", "throughput", "wall_seconds", "report"}
+    assert set(data["throughput"]) == {"attribution", "initial", "l_ft", "f_ft", "retrain"}
+    assert all(finite(r["samples_per_s_per_gpu"], 0) for r in data["throughput"].values())
+    assert data["throughput"]["attribution"]["samples"] == data["report"]["data"]["rows"]["train"]
+    assert finite(data["wall_seconds"], 0, 600) and "samples / s per GPU" in md
 
 
 def test_missing_fashion_mnist(monkeypatch, tmp_path):

@@ -224,7 +224,7 @@ def test_sdk_logs_then_stop_leaves_nothing_looking_finished(client, tmp_path):
     # A job far too long to finish: stopped while the initial model trains.
     job_id = _submit(client, out, [*QUICK, "initial.epochs=100000"])
     logs = _wait(
-        lambda: (text := client.get_job_logs(job_id)) and "[initial] Ray Train" in text and text,
+        lambda: (text := client.get_job_logs(job_id)) and "[initial] training:" in text and text,
         600,
         "the initial route to start training",
         every=2.0,

@@ -1,8 +1,8 @@
 """The pipeline on a multi-node Ray cluster (one per module, all on this machine).
 
 A head with one CPU and no label, two worker nodes that declare the custom resource
-``raypipe_worker``; ``ray.worker_resource=raypipe_worker`` must put every attribution actor,
-per-shard task and Ray Train worker on the worker nodes, and the run must come out complete.
+``raypipe_worker``; ``ray.worker_resource=raypipe_worker`` must put every attribution task,
+per-shard task, training task and Ray Train worker on the worker nodes, and the run must come out complete.
 Token authentication stays on, with a token file of this module's own (RAY_AUTH_TOKEN_PATH).
 """
 
@@ -32,8 +32,8 @@ QUICK = [
     "data.max_train_samples=400",
     "data.shard_rows=100",  # 4 shards: several actor calls and per-shard tasks
     "initial.epochs=5",
-    # One Ray Train run (the initial model) is enough to see where Train workers go; each run costs
-    # tens of seconds of start-up on 2 CPUs. The fine-tuning routes on Ray: tests/test_jobs.py.
+    # The initial model is enough to see where a one-worker route's Ray task goes (a Ray Train route
+    # is run on its own below). The fine-tuning routes on Ray: tests/test_jobs.py.
     "run.routes=[]",
     "run.executor=ray",
     f"ray.worker_resource={LABEL}",
@@ -144,6 +144,9 @@ def test_pipeline_runs_on_the_labelled_worker_nodes(cluster, tmp_path):
     from ray.util.state import list_actors, list_tasks
 
     import raypipe
+    from raypipe.distributed.ray_executor import RayExecutor
+    from raypipe.layout import RunLayout
+    from raypipe.pipeline import Run, train_request
 
     out = str(tmp_path / "run")
     report = raypipe.run(load_config("jobs/configs/digits.yaml", QUICK), out, log=lambda *_: None)
@@ -160,23 +163,33 @@ def test_pipeline_runs_on_the_labelled_worker_nodes(cluster, tmp_path):
     assert 0.0 < report["routes"]["initial"]["accuracy"] <= 1.0
     assert storage.read_json(storage.join(out, "report.json"))["routes"].keys() == report["routes"].keys()
 
+    # A route on two Ray Train workers too (the run above trained its one-worker route in a Ray task).
+    config = load_config("jobs/configs/digits.yaml", [*QUICK, "ray.num_workers=2", "retrain.epochs=1"])
+    executor = RayExecutor(config, log=lambda *_: None)
+    assert executor.plan.num_workers == 2
+    run = Run(config, RunLayout(out), executor, log=lambda *_: None).run(["partition"])  # skipped: finished
+    retrain = executor.train(train_request(run, "retrain", str(tmp_path / "retrain")))
+    assert retrain["num_workers"] == 2 and retrain["epochs"] == 1
+
     # Placement, from Ray's state API: where the actors and tasks of this run ran.
     head = cluster.head_node.node_id
     workers = {n.node_id for n in cluster.worker_nodes}
     actors = list_actors(detail=True, limit=10_000, timeout=120, raise_on_missing_output=False)
-    ours = [a for a in actors if "_ShardActor" in a.class_name or a.class_name == "RayTrainWorker"]
+    ours = [a for a in actors if a.class_name == "RayTrainWorker"]
     for a in ours:  # each asks for the label (in a placement group: LABEL_group_...), so it can only
         # be placed on a worker node...
         asked = {k: v for k, v in a.required_resources.items() if k == LABEL or k.startswith(f"{LABEL}_group_")}
         assert asked and all(v == pytest.approx(0.01) for v in asked.values()), (a.class_name, a.required_resources)
-    # ...and those that were placed are there. (The actor pool may have asked for an actor it
-    # never needed: it died unplaced, with no node.)
+    # ...and those that were placed are there.
     placed = [a for a in ours if a.node_id is not None]
-    assert any("_ShardActor" in a.class_name for a in placed), sorted({a.class_name for a in actors})
-    assert any(a.class_name == "RayTrainWorker" for a in placed), sorted({a.class_name for a in actors})
+    assert placed, sorted({a.class_name for a in actors})
     for a in placed:
         assert a.node_id in workers and a.node_id != head, (a.class_name, a.node_id)
     tasks = list_tasks(detail=True, limit=10_000, timeout=120, raise_on_missing_output=False)
-    tasks = [t for t in tasks if t.name == "_call"]
-    assert tasks  # the mixture's fit sample, scoring and the sensitivity sums
-    assert {t.node_id for t in tasks} <= workers, {t.node_id for t in tasks}
+    by_name = {name: [t for t in tasks if t.name == name] for name in ("_route_task", "attribute_shard", "_call")}
+    # The initial model trained in a Ray task; the attribution shards; the mixture's fit sample, scoring and
+    # the sensitivity sums: each asked for the label, and ran on a worker node.
+    for name, ran in by_name.items():
+        assert ran, name
+        assert all(t.required_resources.get(LABEL) == pytest.approx(0.01) for t in ran), (name, ran[0])
+        assert {t.node_id for t in ran} <= workers, (name, {t.node_id for t in ran})

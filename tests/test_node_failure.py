@@ -1,15 +1,16 @@
-"""A worker node lost while the attribution actor pool runs (one multi-node cluster for this module).
+"""A worker node lost while the attribution runs (one multi-node cluster for this module).
 
 A head that runs no work (0 CPUs) and two worker nodes with 2 CPUs each, all on this machine. The
-attribution of 40 shards runs on a pool of 2 actors; once a few shards are published, the node that
-hosts one of the actors is killed outright (no graceful shutdown). Ray restarts the actor on the
-surviving node and retries its task (Ray Data's actor pool: max_restarts / max_task_retries -1), and a
-shard is published only whole, so the result is complete: every sample_id exactly once, the same values
-as an attribution without the failure.
+attribution of 40 shards runs as Ray tasks, 2 at a time; once a few shards are published, a node
+where the model was loaded (a worker process of it ran a shard) is killed outright (no graceful
+shutdown). Ray runs the tasks that were on it again on the surviving node (tasks are retried on
+system failures), whose worker processes load the model for themselves, and a shard is published
+only whole, so the result is complete: every sample_id exactly once, the same values as an
+attribution without the failure.
 
 The model is a tiny user model (model.name=user) whose forward pass sleeps when RP_SLOW_S is set, which
-only the cluster's workers see: it keeps the pool busy long enough to lose a node in the middle. Each
-actor records the node it runs on, so the test knows which node to take away.
+only the cluster's workers see: it keeps the work going long enough to lose a node in the middle. Each
+worker process that builds the model records the node it runs on, so the test knows which node to take away.
 """
 
 from __future__ import annotations
@@ -57,10 +58,10 @@ class Slow(nn.Module):
 
 def make(input_shape, num_classes, probe_width):
     where = os.environ.get("RP_NODE_DIR")
-    if where:  # inside a Ray worker: which node runs this actor
+    if where:  # inside a Ray worker: which node this process runs on
         import ray
 
-        with open(os.path.join(where, f"actor-{os.getpid()}"), "w") as f:
+        with open(os.path.join(where, f"process-{os.getpid()}"), "w") as f:
             f.write(ray.get_runtime_context().get_node_id())
     n = 1
     for s in input_shape:
@@ -156,23 +157,24 @@ def test_node_lost_during_attribution(cluster, inputs, tmp_path):
     removed: dict[str, object] = {}
 
     def lose_a_node() -> None:
-        """Once 4 shards are out, kill (no graceful shutdown) a worker node that hosts an actor."""
+        """Once 4 shards are out, kill (no graceful shutdown) a worker node where the model was loaded."""
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             done = len(list(ray_out.glob("part-*.parquet"))) if ray_out.exists() else 0
-            hosts = {p.read_text() for p in node_dir.glob("actor-*")}
+            hosts = {p.read_text() for p in node_dir.glob("process-*")}
             victims = [n for n in c.worker_nodes if n.node_id in hosts]
             if done >= 4 and victims:
                 removed["shards_done"] = done
                 removed["node_id"] = victims[0].node_id
-                removed["actors_before"] = {p.name for p in node_dir.glob("actor-*")}
+                removed["processes_before"] = {p.name for p in node_dir.glob("process-*")}
                 c.remove_node(victims[0], allow_graceful=False)
                 return
             time.sleep(0.05)
 
     killer = threading.Thread(target=lose_a_node, daemon=True)
     killer.start()
-    rows = executor.attribute(model_uri, attribute.pending_shards(shards, str(ray_out)), RULE, BATCH, "cpu")
+    spec = attribute.AttributionPass(model_uri, RULE, BATCH)
+    rows = executor.attribute(spec, attribute.pending_shards(shards, str(ray_out)))
     killer.join(timeout=60)
 
     # The node really went away in the middle of the job.
@@ -180,8 +182,8 @@ def test_node_lost_during_attribution(cluster, inputs, tmp_path):
     assert removed["shards_done"] < len(shards), removed
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert removed["node_id"] not in alive
-    started_after = [p.read_text() for p in node_dir.glob("actor-*") if p.name not in removed["actors_before"]]
-    assert started_after, "no actor was started again after the loss"
+    started_after = [p.read_text() for p in node_dir.glob("process-*") if p.name not in removed["processes_before"]]
+    assert started_after, "no worker process loaded the model after the loss"
     assert removed["node_id"] not in started_after  # ...on the node that survived
 
     # ...and the job completed: every sample once, the same values as without the failure.
@@ -192,9 +194,7 @@ def test_node_lost_during_attribution(cluster, inputs, tmp_path):
     assert len(remote["sample_id"]) == len(np.unique(remote["sample_id"])) == N_ROWS
 
     local_out = str(tmp_path / "local")
-    LocalExecutor(log=lambda *_: None).attribute(
-        model_uri, attribute.pending_shards(shards, local_out), RULE, BATCH, "cpu"
-    )
+    LocalExecutor(log=lambda *_: None).attribute(spec, attribute.pending_shards(shards, local_out))
     local = _read(local_out)
     order_l, order_r = np.argsort(local["sample_id"]), np.argsort(remote["sample_id"])
     assert np.array_equal(local["sample_id"][order_l], remote["sample_id"][order_r])

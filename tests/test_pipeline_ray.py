@@ -1,18 +1,22 @@
-"""The pipeline on a local Ray cluster (one per module): Ray Data attribution, per-shard sums,
-Ray Train routes, skip and --from on rerun."""
+"""The pipeline on a local Ray cluster (one per module): attribution in Ray tasks and on an actor pool
+(the GPU path, run on CPUs here), per-shard sums, training routes in a Ray task and on Ray Train with
+the in-process numbers, skip and --from on rerun."""
 
 from __future__ import annotations
+
+import dataclasses
+import shutil
 
 import numpy as np
 import pytest
 
 import raypipe
-from raypipe import storage
+from raypipe import layout, storage
 from raypipe.config import load_config
 from raypipe.core.sensitivity import SufficientStats
 from raypipe.executors import LocalExecutor
 from raypipe.layout import RunLayout
-from raypipe.pipeline import Run
+from raypipe.pipeline import Run, train_request
 from raypipe.stages import attribution as attribute
 from raypipe.stages import data as prepare
 from raypipe.stages import prune
@@ -48,15 +52,13 @@ def base_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("rule", ["grad_x_act_maxclass", "last_layer_grad"])
-def test_ray_data_attribution_equals_in_process(base_run, ray_executor, tmp_path, rule):
+def test_ray_attribution_equals_in_process(base_run, ray_executor, tmp_path, rule):
     shards = prepare.train_shards(RunLayout(base_run).stage("data"))
-    assert len(shards) >= 3  # several shards, so several actor calls
-    model_uri = RunLayout(base_run).model("initial")
+    assert len(shards) >= 3  # several shards, so several tasks
+    spec = attribute.AttributionPass(RunLayout(base_run).model("initial"), rule, 64)
     local_out, ray_out = str(tmp_path / "local"), str(tmp_path / "ray")
-    LocalExecutor(log=lambda *_: None).attribute(
-        model_uri, attribute.pending_shards(shards, local_out), rule, 64, "cpu"
-    )
-    rows = ray_executor.attribute(model_uri, attribute.pending_shards(shards, ray_out), rule, 64, "cpu")
+    LocalExecutor(log=lambda *_: None).attribute(spec, attribute.pending_shards(shards, local_out))
+    rows = ray_executor.attribute(spec, attribute.pending_shards(shards, ray_out))
 
     local, remote = _read_attribution(local_out), _read_attribution(ray_out)
     n_train = storage.read_manifest(RunLayout(base_run).stage("data"))["summary"]["rows"]["train"]
@@ -71,14 +73,33 @@ def test_ray_data_attribution_equals_in_process(base_run, ray_executor, tmp_path
     assert attribute.pending_shards(shards, ray_out) == []
 
 
+def test_attribution_on_an_actor_pool_equals_in_process(base_run, ray_cluster, tmp_path):
+    """The GPU path (an actor per GPU, one model each), here on CPU actors: the same rows and kept features."""
+    from raypipe.distributed.shards import attribute_on_actors
+
+    shards = prepare.train_shards(RunLayout(base_run).stage("data"))
+    spec = attribute.AttributionPass(RunLayout(base_run).model("initial"), "grad_x_act_label", 64, keep_features=True)
+    local_out, ray_out = str(tmp_path / "local"), str(tmp_path / "ray")
+    LocalExecutor(log=lambda *_: None).attribute(spec, attribute.pending_shards(shards, local_out))
+    rows = attribute_on_actors(spec, attribute.pending_shards(shards, ray_out), 2, 1.0, 0.0, {})
+    assert rows == sum(len(columns_from_table(storage.read_table(u, ["sample_id"]))["sample_id"]) for u in shards)
+    local, remote = _read_attribution(local_out), _read_attribution(ray_out)
+    assert np.array_equal(local["sample_id"], remote["sample_id"])  # shard by shard, in shard order
+    for key in ("attribution", "probe", "loss"):
+        np.testing.assert_allclose(remote[key], local[key], rtol=1e-5, atol=1e-6)
+    kept_local, kept_ray = (
+        _read_attribution(layout.features_dir(local_out)),
+        _read_attribution(layout.features_dir(ray_out)),
+    )
+    np.testing.assert_allclose(kept_ray["features"], kept_local["features"], rtol=1e-5, atol=1e-6)
+
+
 def test_ray_block_sums_equal_single_block(base_run, ray_executor, tmp_path):
     """The sensitivity statistics merged from per-shard Ray tasks equal one pass over all rows."""
     shards = prepare.train_shards(RunLayout(base_run).stage("data"))
-    model_uri = RunLayout(base_run).model("initial")
+    spec = attribute.AttributionPass(RunLayout(base_run).model("initial"), "loss", 64)
     attr_out = str(tmp_path / "attr")
-    LocalExecutor(log=lambda *_: None).attribute(
-        model_uri, attribute.pending_shards(shards, attr_out), "loss", 64, "cpu"
-    )
+    LocalExecutor(log=lambda *_: None).attribute(spec, attribute.pending_shards(shards, attr_out))
     # A fake partition aligned with the attribution shards.
     part_out = str(tmp_path / "part")
     rng = np.random.default_rng(0)
@@ -138,3 +159,32 @@ def test_pipeline_on_ray_repairs_then_skips_then_reruns_from(ray_cluster, tmp_pa
     assert done == {"partition", "prune", "f_ft"}
     after = {s: storage.read_manifest(run.stage(s))["finished_at"] for s in before}
     assert after == before
+
+
+@pytest.mark.slow
+def test_same_settings_same_accuracy_in_process_and_on_ray(base_run, ray_cluster, tmp_path):
+    """F-FT from one pruned model: in-process, in a Ray task (one worker) and on 2 Ray Train workers (DDP,
+    batch 64 = 2 x 32). One worker is the very same computation; two agree within the spread that the
+    data-order seed alone gives in-process."""
+    from raypipe.distributed.ray_executor import RayExecutor
+
+    out = tmp_path / "run"
+    shutil.copytree(base_run, out)
+    config = load_config(None, ["data.shard_rows=300", "initial.epochs=5", "f_ft.epochs=4", "run.routes=[f_ft]"])
+    lay = RunLayout(str(out))
+    run = Run(config, lay, LocalExecutor(log=lambda *_: None), log=lambda *_: None).run(
+        ["attribution", "partition", "prune"]
+    )
+    request = train_request(run, "f_ft", "")
+
+    def f_ft(executor, name: str, seed: int = 0) -> dict:
+        return executor.train(dataclasses.replace(request, out_uri=str(tmp_path / name), seed=seed))
+
+    local = {seed: f_ft(LocalExecutor(log=lambda *_: None), f"local{seed}", seed) for seed in (0, 1, 2)}
+    task = f_ft(RayExecutor(load_config(None, ["ray.num_workers=1"]), log=lambda *_: None), "task")
+    ddp = f_ft(RayExecutor(load_config(None, ["ray.num_workers=2"]), log=lambda *_: None), "ddp")
+    assert task["num_workers"] == 1 and ddp["num_workers"] == 2
+    assert task["accuracy"] == local[0]["accuracy"] and task["n_train"] == local[0]["n_train"]
+    assert [h["train_loss"] for h in task["history"]] == pytest.approx([h["train_loss"] for h in local[0]["history"]])
+    spread = max(r["accuracy"] for r in local.values()) - min(r["accuracy"] for r in local.values())
+    assert abs(ddp["accuracy"] - local[0]["accuracy"]) <= max(spread, 0.01), (ddp["accuracy"], local, spread)

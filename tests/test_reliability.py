@@ -5,10 +5,12 @@
 - Driver killed (`raypipe run` as a subprocess, SIGKILL at a chosen point, local executor): the rerun skips
   the finished stages, keeps the finished attribution shards (same inode and mtime: not recomputed), and
   ends with the same report as an uninterrupted run (seeded, one thread: the very same numbers).
-- Train worker killed (Ray Train on this module's local Ray, through the fault hook tests/faults installs
-  in its workers): the group restarts from the latest checkpoint, redoes at most the epoch in flight,
-  finishes, and reports metrics close to a clean run of the same route; killed after the trajectory
-  epochs of the initial model, the partition still uses the trajectory signals.
+- Train worker killed (on this module's local Ray, through the fault hook tests/faults installs in its
+  workers): a one-worker route's Ray task is run again from the latest checkpoint and ends with the very
+  numbers of an uninterrupted in-process run; a Ray Train group restarts from the latest checkpoint,
+  redoes at most the epoch in flight, finishes, and reports metrics close to a clean run of the same
+  route; killed after the trajectory epochs of the initial model, the partition still uses the
+  trajectory signals.
 """
 
 from __future__ import annotations
@@ -35,12 +37,13 @@ from raypipe.pipeline import Run, Stage
 REPO = Path(__file__).resolve().parents[1]
 QUIET = {"log": lambda *_: None}
 # 400 training samples in 4 shards; 6 epochs for the model to repair, then F-FT for 3.
+F_FT_EPOCHS = 3
 RUN = [
     "data.max_train_samples=400",
     "data.shard_rows=100",
     "initial.epochs=6",
     "run.routes=[f_ft]",
-    "f_ft.epochs=3",
+    f"f_ft.epochs={F_FT_EPOCHS}",
     "attribution.batch_size=8",
     "run.device=cpu",
 ]
@@ -223,11 +226,12 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _comparable(report: dict[str, Any]) -> dict[str, Any]:
-    """The report without wall times and file locations."""
+    """The report without wall times (and their Unix intervals) and file locations."""
 
     def strip(obj: Any) -> Any:
         if isinstance(obj, dict):
-            return {k: strip(v) for k, v in obj.items() if not k.startswith("seconds") and k != "stages_seconds"}
+            timing = ("stages_seconds", "wall_interval")
+            return {k: strip(v) for k, v in obj.items() if not k.startswith("seconds") and k not in timing}
         if isinstance(obj, list):
             return [strip(v) for v in obj]
         return obj
@@ -360,38 +364,66 @@ def _arm_kill(faults: Path, hook_dir: Path, route: str, epoch: int) -> None:
     (faults / "kill.json").write_text(json.dumps({"route": route, "epoch": epoch, "log": str(hook_dir)}))
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_train_worker_killed_mid_epoch_resumes_from_checkpoint(reference_run, ray_cluster, faults, tmp_path):
+def _f_ft_killed_in_epoch_2(ref_out: Path, faults: Path, tmp_path: Path, workers: int):
+    """F-FT on Ray with `workers` workers from the reference run's finished stages, the last rank killed
+    in epoch 2 -> (its run folder, report, log lines, the hook's folder)."""
     import raypipe
 
-    ref_out, ref_report = reference_run
     out = tmp_path / "run"
     shutil.copytree(ref_out, out)  # data ... prune finished (the executor is not part of any fingerprint)
-    config = load_config(None, [*RUN, "run.executor=ray", "ray.num_workers=2", "ray.max_failures=2"])
-
+    config = load_config(None, [*RUN, "run.executor=ray", f"ray.num_workers={workers}", "ray.max_failures=2"])
     hook_dir = tmp_path / "hook"
     _arm_kill(faults, hook_dir, "f_ft", 2)
     logs: list[str] = []
     try:
-        killed = raypipe.run(config, str(out), from_stage="f_ft", log=logs.append)
+        report = raypipe.run(config, str(out), from_stage="f_ft", log=logs.append)
     finally:
         (faults / "kill.json").unlink()
-
     assert (hook_dir / "killed-f_ft").exists()  # a worker process really died
+    return out, report, logs, hook_dir
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_route_task_killed_mid_epoch_resumes_from_checkpoint(reference_run, ray_cluster, faults, tmp_path):
+    """One worker a route: the route is a Ray task, no TorchTrainer. Its worker process dies in epoch 2;
+    Ray runs the task again, which resumes from the checkpoint of epoch 1 and ends as the in-process run did."""
+    ref_out, ref_report = reference_run
+    out, killed, logs, hook_dir = _f_ft_killed_in_epoch_2(ref_out, faults, tmp_path, workers=1)
+    assert any("[f_ft] training: a Ray task" in line for line in logs), logs
+    events = _route_log(hook_dir, "f_ft")
+    assert [(rank, epoch) for kind, rank, epoch in events if kind == "start"] == [(0, 1), (0, 2)], events
+    assert [epoch for kind, _, epoch in events if kind == "epoch"] == [1, 2, 2, 3], events
+    assert not (out / "f_ft" / "checkpoint.pt").exists()  # published: the resume point is gone
+    summary = storage.read_manifest(str(out / "f_ft"))["summary"]
+    assert summary["epochs"] == F_FT_EPOCHS and summary["num_workers"] == 1
+    # The same loop, data order and optimizer state as the uninterrupted in-process run: the same numbers.
+    clean, after_kill = ref_report["routes"]["f_ft"], killed["routes"]["f_ft"]
+    for metric in ("accuracy", "macro_f1", "macro_precision", "n_train"):
+        assert after_kill[metric] == pytest.approx(clean[metric], abs=1e-6), metric
+    reference = storage.read_manifest(str(ref_out / "f_ft"))["summary"]["history"]
+    assert [h["train_loss"] for h in summary["history"]] == pytest.approx([h["train_loss"] for h in reference])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_train_worker_killed_mid_epoch_resumes_from_checkpoint(reference_run, ray_cluster, faults, tmp_path):
+    ref_out, ref_report = reference_run
+    out, killed, logs, hook_dir = _f_ft_killed_in_epoch_2(ref_out, faults, tmp_path, workers=2)
     events = _route_log(hook_dir, "f_ft")
     starts = [(rank, epoch) for kind, rank, epoch in events if kind == "start"]
     # Two worker groups: the first from epoch 1, the restarted one from the checkpoint of epoch 1.
     assert sorted(starts) == [(0, 1), (0, 2), (1, 1), (1, 2)], events
     rank0_epochs = [epoch for kind, rank, epoch in events if kind == "epoch" and rank == 0]
     assert rank0_epochs == [1, 2, 2, 3], events  # only the epoch in flight was redone
-    assert len(rank0_epochs) <= config.f_ft.epochs + 1
+    assert len(rank0_epochs) <= F_FT_EPOCHS + 1
 
     assert _stages_in_logs(logs, "] done in") == ["f_ft"]
     summary = storage.read_manifest(str(out / "f_ft"))["summary"]
-    assert summary["epochs"] == config.f_ft.epochs and summary["num_workers"] == 2
-    # The clean run: the same route on the same inputs in-process (the reference). Ray Train reads the data in
-    # another order and averages the gradients of 2 workers, so the numbers are close, not equal.
+    assert summary["epochs"] == F_FT_EPOCHS and summary["num_workers"] == 2
+    # The clean run: the same route on the same inputs in-process (the reference). The 2 workers see the same
+    # global batches, but sum their gradients in another order (and pad the last batch), so the numbers are
+    # close, not equal.
     clean, after_kill = ref_report["routes"]["f_ft"], killed["routes"]["f_ft"]
     assert after_kill["n_train"] == clean["n_train"]
     for metric in ("accuracy", "macro_f1", "macro_precision"):

@@ -1,24 +1,49 @@
-"""plan_resources: Ray Data / Ray Train sizing from the cluster's totals and, when known, node by node."""
+"""plan_resources: actor / task / training-worker sizing from the cluster's totals and, when known, node by
+node; routes_at_once: how many training routes run side by side."""
 
 from __future__ import annotations
 
 import pytest
 
 from raypipe.config import RayConfig
-from raypipe.distributed.resources import _packs, plan_resources
+from raypipe.distributed.resources import _packs, plan_resources, routes_at_once
 from raypipe.errors import RaypipeError
 
 
 def _fits(plan, nodes) -> bool:
-    """Every Train worker placed on some node, and one node keeps room for a Ray Data task."""
+    """Every Train worker placed on some node, and one node keeps room for another task."""
     cpus = [n["CPU"] for n in nodes]
     return _packs(cpus, plan.num_workers, plan.cpus_per_worker, min(1.0, max(cpus) / 2))
 
 
-def test_two_cpu_machine_leaves_ray_data_a_cpu():
-    plan = plan_resources({"CPU": 2.0}, RayConfig(), [{"CPU": 2.0, "GPU": 0.0}])
+def test_two_cpu_machine_leaves_a_cpu_and_runs_two_routes_side_by_side():
+    nodes = [{"CPU": 2.0, "GPU": 0.0}]
+    plan = plan_resources({"CPU": 2.0}, RayConfig(), nodes)
     assert plan.num_workers == 1 and plan.cpus_per_worker == 1.0 and not plan.use_gpu
     assert plan.max_actors == 2 and plan.cpus_per_actor == 1.0
+    assert routes_at_once(plan, nodes) == 2  # one CPU each
+
+
+def test_routes_at_once_packs_whole_routes_node_by_node():
+    from dataclasses import replace
+
+    nodes = [{"CPU": 2.0, "GPU": 0.0}] * 3
+    plan = plan_resources({"CPU": 6.0}, RayConfig(num_workers=2), nodes)
+    assert (plan.num_workers, plan.cpus_per_worker) == (2, 2.0)
+    assert routes_at_once(plan, nodes) == 1  # 3 nodes hold 3 such workers: one route of 2, not two
+    # Routes of one 1.5-CPU worker on 2-CPU nodes: one per node (3), not the totals' 6 / 1.5 = 4.
+    assert routes_at_once(replace(plan, num_workers=1, cpus_per_worker=1.5), nodes) == 3
+    assert routes_at_once(replace(plan, num_workers=1, cpus_per_worker=1.0), nodes) == 6
+    # A route that takes more than any node has: still one at a time, never none.
+    assert routes_at_once(replace(plan, num_workers=1, cpus_per_worker=8.0), nodes) == 1
+
+
+def test_routes_at_once_with_gpus_is_gpus_over_workers():
+    nodes = [{"CPU": 16.0, "GPU": 4.0}, {"CPU": 16.0, "GPU": 4.0}]
+    plan = plan_resources({"CPU": 32.0, "GPU": 8.0}, RayConfig(num_workers=2, max_actors=2), nodes)
+    assert plan.use_gpu and routes_at_once(plan, nodes) == 4
+    single = plan_resources({"CPU": 16.0, "GPU": 1.0}, RayConfig(), [{"CPU": 16.0, "GPU": 1.0}])
+    assert single.num_workers == 1 and routes_at_once(single, [{"CPU": 16.0, "GPU": 1.0}]) == 1
 
 
 def test_totals_alone_would_ask_more_cpus_than_any_node_has():

@@ -1,22 +1,27 @@
-"""Stage functions in-process (no Ray): trajectory recording during training, and the partition
-stage's detection signals."""
+"""Stage functions in-process (no Ray): trajectory recording during training, L-FT on the features the
+attribution pass kept, and the partition stage's detection signals."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import numpy as np
 import pytest
+import torch
 
 import raypipe
 from raypipe import layout, storage
 from raypipe.config import load_config
 from raypipe.core.detection.trajectory import margins_and_losses
+from raypipe.executors import LocalExecutor
+from raypipe.layout import RunLayout
+from raypipe.pipeline import Run, train_request
 from raypipe.stages import data as prepare
-from raypipe.stages.train import TrainRequest, train_local
+from raypipe.stages.train import TrainRequest, route_data, train_local
 from raypipe.tables import columns_from_table
 from raypipe.training.checkpoint import load_model
-from raypipe.training.loop import predict_logits
+from raypipe.training.loop import CachedFeatures, InMemory, predict_logits
 
 QUIET = {"log": lambda *_: None}
 
@@ -57,6 +62,40 @@ def test_recorded_trajectory_equals_recomputation_from_checkpoints(data_uri, tmp
     np.testing.assert_allclose(recorded["early_loss"], losses[0], rtol=1e-5, atol=1e-5)
     # Not recorded when not asked for.
     assert not storage.exists(layout.trajectory_dir(str(tmp_path / "e1")))
+
+
+def test_l_ft_trains_on_the_features_the_attribution_kept(tmp_path):
+    """With L-FT among the routes the attribution pass keeps the backbone's output of every training sample;
+    L-FT trains the head on it (no image read, no backbone pass) and ends with the head it trains from the
+    samples themselves."""
+    config = load_config(None, ["initial.epochs=4", "l_ft.epochs=3", "run.routes=[l_ft]"])
+    lay = RunLayout(str(tmp_path / "run"))
+    raypipe.run(config, lay.root, **QUIET)
+    initial = load_model(lay.model("initial"))[0].eval()
+    shards = storage.list_files(lay.stage("attribution"), ".parquet")
+    kept = [columns_from_table(storage.read_table(layout.features_shard(uri))) for uri in shards]
+    assert len(kept) == len(shards) >= 1
+    train = prepare.read_split(lay.stage("data"), "train")
+    assert np.array_equal(np.concatenate([k["sample_id"] for k in kept]), train.sample_id)
+    with torch.no_grad():
+        expected = initial.features(torch.tensor(train.x)).numpy()
+    np.testing.assert_allclose(np.concatenate([k["features"] for k in kept]), expected, rtol=1e-5, atol=1e-5)
+
+    request = train_request(Run(config, lay, LocalExecutor(**QUIET), **QUIET), "l_ft", lay.stage("l_ft"))
+    data, n_train = route_data(request)
+    assert isinstance(data, CachedFeatures) and data.held() is None  # the features, not the samples
+    assert n_train == storage.read_manifest(lay.stage("partition"))["summary"]["n_clean"]
+    # The same route without them: features computed from the samples at its first epoch.
+    again = dataclasses.replace(request, out_uri=str(tmp_path / "l_ft_from_samples"), attribution_uri=None)
+    assert isinstance(route_data(again)[0], InMemory)
+    train_local(again, **QUIET)
+    from_features, from_samples = load_model(lay.model("l_ft"))[0], load_model(layout.model_file(again.out_uri))[0]
+    for (name, a), b in zip(from_features.state_dict().items(), from_samples.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    # A run without L-FT keeps no features.
+    other = RunLayout(str(tmp_path / "f_ft_only"))
+    raypipe.run(load_config(None, ["initial.epochs=1", "f_ft.epochs=1", "run.routes=[f_ft]"]), other.root, **QUIET)
+    assert not storage.exists(layout.features_dir(other.stage("attribution")))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from torch import nn
 from raypipe.config import ModelConfig, TrainConfig
 from raypipe.core.metrics import classification_metrics
 from raypipe.core.models import ProbedModel, build_model
-from raypipe.training.loop import Callback, InMemory, evaluate, predict_logits, train_arrays
+from raypipe.training.loop import Callback, InMemory, evaluate, per_rank_batch, predict_logits, train_arrays
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -138,6 +138,31 @@ def test_ranks_split_one_permutation_into_equal_parts():
     assert [len(p) for p in parts] == [4, 4, 4]
     assert set(torch.cat(parts).tolist()) == set(range(10))
     assert torch.stack(parts, dim=1).reshape(-1)[:10].tolist() == whole.tolist()
+
+
+def test_ranks_batches_together_are_the_one_process_batches():
+    """With batch_size / world per rank, batch k of the ranks together is batch k of one process (the
+    last one plus the wrap padding), so DDP's mean of the ranks' gradients is one process's gradient."""
+    n, batch, world = 21, 8, 2
+    x, y = torch.randn(n, 3), torch.arange(n)
+    one = [b for b in InMemory(x, y, np.arange(n), batch, seed=3).batches(2)]
+    b = per_rank_batch(batch, world)
+    ranks = [list(InMemory(x, y, np.arange(n), b, 3, rank=r, world=world).batches(2)) for r in range(world)]
+    assert b == 4 and len(ranks[0]) == len(ranks[1]) == len(one) == 3
+    for k in range(2):  # full batches: the same samples
+        assert sorted(torch.cat([ranks[0][k][1], ranks[1][k][1]]).tolist()) == sorted(one[k][1].tolist())
+    last = torch.cat([ranks[0][2][1], ranks[1][2][1]]).tolist()
+    assert set(one[2][1].tolist()) < set(last) and len(last) == len(one[2][1]) + 1  # + one wrapped-around sample
+    # The mean of the ranks' mean-loss gradients on a full batch = the one-process gradient.
+    w = torch.randn(3, requires_grad=True)
+
+    def grad(xb, yb):
+        (g,) = torch.autograd.grad(((xb @ w - yb.float()) ** 2).mean(), w)
+        return g
+
+    mean_of_ranks = (grad(*ranks[0][0]) + grad(*ranks[1][0])) / 2
+    assert torch.allclose(mean_of_ranks, grad(*one[0]), atol=1e-5)
+    assert per_rank_batch(128, 3) == 43 and per_rank_batch(1, 4) == 1  # rounded up, never 0
 
 
 def test_classification_metrics_hand_computed():

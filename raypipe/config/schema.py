@@ -43,7 +43,9 @@ class RunConfig:
     # the repair routes l_ft / f_ft and the retrain baseline.
     routes: list[str] = field(default_factory=lambda: list(REPAIR_ROUTES))
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # `local`: every stage in this process. `ray`: attribution on Ray Data, training on Ray Train.
+    # `local`: every stage in this process. `ray`: attribution and per-shard work in Ray tasks (attribution on
+    # an actor per GPU when there are GPUs), training in a Ray task a route (one worker) or on Ray Train
+    # (several), independent routes side by side.
     executor: Literal["local", "ray"] = "local"
 
     def validate(self) -> None:
@@ -252,20 +254,17 @@ class PruneConfig:
 class RayConfig:
     # None: join a running cluster if RAY_ADDRESS is set, else start local Ray.
     address: str | None = None
-    # Attribution actor pool; 0 = sized from the cluster.
+    # Attribution tasks (actors, one per GPU, on GPUs) running at once; 0 = sized from the cluster.
     max_actors: int = 0
-    # Ray Train data-parallel workers; 0 = sized from the cluster.
+    # Data-parallel workers of each training route (1: a Ray task, more: Ray Train); 0 = sized from the cluster.
+    # Each holds the route's training samples in memory.
     num_workers: int = 0
     # GPUs for the attribution actors and the Train workers. auto: when the cluster has them, else CPU;
     # true: required, the run stops before any work when the cluster has fewer GPUs than the actors /
     # workers need (none at all included); false: CPU only.
     use_gpu: bool | Literal["auto"] = "auto"
-    # Ray Train retries of a failed worker group (resumes from the latest checkpoint).
+    # Retries of a training route whose worker (task or Ray Train group) failed; it resumes from its checkpoint.
     max_failures: int = 2
-    # A Train worker keeps its data shard in memory after the first epoch when the shard is at most
-    # this big, instead of streaming it from Ray Data again every epoch (each pass over a Ray Data
-    # shard costs seconds of start-up: dominant for small data). 0 = always stream.
-    worker_cache_mb: int = 2048
     # Name of a custom node resource (declared on the worker nodes, e.g. `ray start
     # --resources='{"raypipe_worker": 1}'`). When set, attribution actors, per-shard tasks and Ray
     # Train workers each ask for 0.01 of it, so they run only on nodes that declare it (never on a
@@ -276,7 +275,6 @@ class RayConfig:
         check_setting(self.max_actors >= 0, "ray.max_actors", "must be >= 0")
         check_setting(self.num_workers >= 0, "ray.num_workers", "must be >= 0")
         check_setting(self.max_failures >= 0, "ray.max_failures", "must be >= 0")
-        check_setting(self.worker_cache_mb >= 0, "ray.worker_cache_mb", "must be >= 0")
         if self.worker_resource is not None:
             name = self.worker_resource
             check_setting(

@@ -71,22 +71,24 @@ RULES: dict[str, RuleFn] = {
 }
 
 
-@torch.no_grad()
-def _forward(model: ProbedModel, x: torch.Tensor) -> torch.Tensor:
-    return model.probe(model.features(x))
-
-
 def attribute_batch(
-    model: ProbedModel, batch: dict[str, np.ndarray], rule: str, device: torch.device | str = "cpu"
+    model: ProbedModel,
+    batch: dict[str, np.ndarray],
+    rule: str,
+    device: torch.device | str = "cpu",
+    keep_features: bool = False,
 ) -> dict[str, np.ndarray]:
     """One batch of samples -> one row per sample of everything later stages need.
 
     `batch` holds sample_id [B], x [B, *shape], label [B] (and optionally true_label, is_corrupted,
-    passed through for scoring only). The model must be in eval mode on `device`.
+    passed through for scoring only). The model must be in eval mode on `device`. `keep_features`
+    adds `features` [B, F], the backbone's output (the head's input, what L-FT trains the head on).
     """
     x = torch.tensor(batch["x"], dtype=torch.float32, device=device)  # a copy: Arrow buffers are read-only
     y = torch.tensor(batch["label"], dtype=torch.long, device=device)
-    h = _forward(model, x)  # [B, d] pre-ReLU probe activations, the backbone's only pass
+    with torch.no_grad():
+        features = model.features(x)  # [B, F], the backbone's only pass
+        h = model.probe(features)  # [B, d] pre-ReLU probe activations
     attribution = RULES[rule](model, h, y).detach()
     with torch.no_grad():
         logits = model.head_from_probe(h)  # [B, C]
@@ -107,6 +109,8 @@ def attribute_batch(
     for key in ("true_label", "is_corrupted"):
         if key in batch:
             out[key] = np.asarray(batch[key])
+    if keep_features:
+        out["features"] = features.cpu().numpy().astype(np.float32)
     return out
 
 

@@ -2,7 +2,7 @@
 
 Least squares with intercept of y (the noisy indicator, or p_noisy) on the probe activations
 X = h(x) [N, d], solved from sufficient statistics: n, sum(x) [d], sum(y), X^T X [d, d], X^T y [d].
-Blocks of rows update their own accumulator anywhere (a Ray Data task, a shard); the driver merges
+Blocks of rows update their own accumulator anywhere (a Ray task, a shard); the driver merges
 them, so its memory is O(d^2) whatever N is. (The published notebooks regressed on the class label
 by mistake; here y is the real per-sample target.)
 """

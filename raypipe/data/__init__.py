@@ -4,7 +4,7 @@ No Ray here: these are plain numpy / pyarrow functions that the local executor a
 both call.
 """
 
-from raypipe.data.handover import batch_from_table, samples_from_table, table_from_samples
+from raypipe.data.handover import batch_from_table, sample_format, samples_from_table, table_from_samples
 from raypipe.data.noise import ASYMMETRIC_PAIRS, apply_noise
 from raypipe.data.samples import SampleSet
 from raypipe.data.sources import input_files, load_splits
@@ -16,6 +16,7 @@ __all__ = [
     "batch_from_table",
     "input_files",
     "load_splits",
+    "sample_format",
     "samples_from_table",
     "table_from_samples",
 ]

@@ -70,13 +70,17 @@ def batch_from_table(t: pa.Table, sample_shape) -> dict[str, np.ndarray]:
     }
 
 
-def samples_from_table(t: pa.Table) -> SampleSet:
-    """Inverse of table_from_samples, shape and class count read from the schema metadata."""
-    metadata = t.schema.metadata or {}
+def sample_format(schema: pa.Schema) -> tuple[tuple[int, ...], int]:
+    """(sample shape, class count) from a `table_from_samples` table's schema metadata."""
+    metadata = schema.metadata or {}
     if SHAPE_KEY not in metadata or CLASSES_KEY not in metadata:
         raise DataError(
             "sample table has no sample_shape / num_classes metadata; use batch_from_table(table, sample_shape)"
         )
-    shape = json.loads(metadata[SHAPE_KEY])
-    batch = batch_from_table(t, shape)
-    return SampleSet(**batch, num_classes=int(metadata[CLASSES_KEY]))
+    return tuple(json.loads(metadata[SHAPE_KEY])), int(metadata[CLASSES_KEY])
+
+
+def samples_from_table(t: pa.Table) -> SampleSet:
+    """Inverse of table_from_samples, shape and class count read from the schema metadata."""
+    shape, num_classes = sample_format(t.schema)
+    return SampleSet(**batch_from_table(t, shape), num_classes=num_classes)

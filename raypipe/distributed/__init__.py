@@ -1,1 +1,1 @@
-"""The only package that imports Ray: Ray Data actor pools, Ray tasks, Ray Train, Ray Tune."""
+"""The only package that imports Ray: Ray tasks and actors, Ray Train, Ray Tune."""

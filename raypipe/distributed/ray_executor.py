@@ -1,31 +1,34 @@
 """The Ray executor (`raypipe.stages.Executor`): the same stage functions as `LocalExecutor`, spread over a
 Ray cluster.
 
-- attribution: a Ray Dataset with one row per pending data shard, `map_batches` on an actor pool
-  (`ActorPoolStrategy(min_size, max_size)`), one model per actor loaded once from its checkpoint
-  URI, a GPU per actor when the cluster has GPUs. Each actor streams its shard from Parquet and
-  publishes the shard's output atomically, so finished shards survive any failure and a rerun
-  computes only the rest (shards, not Ray's internal blocks, are the unit of resumable work);
-- map: per-shard tasks (the mixture's fit sample, scoring, the sensitivity sums); only their small
-  results travel to the driver;
-- train: Ray Train (raypipe.distributed.train), running the one training loop on every worker.
+- attribution: a Ray task per pending data shard, at most `max_actors` at a time, each worker process
+  loading the model once; on GPUs an actor per GPU (`raypipe.distributed.shards`, which says why).
+  Each shard is streamed from Parquet and its output published atomically, so finished shards
+  survive any failure and a rerun computes only the rest (shards are the unit of resumable work);
+- map: per-shard tasks (the mixture's fit sample, scoring, the sensitivity sums) on the same warm
+  worker processes; only their small results travel to the driver;
+- train: the one training loop in a Ray task (one worker) or on Ray Train workers (several):
+  `raypipe.distributed.train`. The runner hands independent routes over together (from several
+  threads, `concurrent_stages`); as many run side by side as fit on the cluster, each with its own
+  workers (`resources.routes_at_once`), the others wait for a free slot.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import time
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
 import ray
 
 from raypipe.config import Config
-from raypipe.distributed.resources import Plan, plan_resources
+from raypipe.distributed.resources import Plan, plan_resources, routes_at_once
+from raypipe.distributed.shards import attribute_in_tasks, attribute_on_actors, run_bounded, warm_up
 from raypipe.errors import RaypipeError, user_errors_unwrapped
 from raypipe.preflight import unreachable
-from raypipe.stages.attribution import ShardAttributor
+from raypipe.stages.attribution import AttributionPass
 from raypipe.stages.train import TrainRequest
 
 # What each actor, task and Train worker asks of `ray.worker_resource`: a token amount, so a node
@@ -73,23 +76,16 @@ def schedulable_resources(nodes: list[dict[str, float]]) -> dict[str, float]:
     return {key: sum(n[key] for n in nodes) for key in ("CPU", "GPU")}
 
 
-class _ShardActor:
-    """Ray Data callable class: one model per actor; a batch = some (in_uri, out_uri) shard jobs."""
+def _call(fn: Callable[[Any], Any], threads: int, item: Any) -> Any:
+    import torch  # the worker process may have run a training route with more threads before
 
-    def __init__(self, model_uri: str, rule: str, batch_size: int, device: str):
-        self.attributor = ShardAttributor(model_uri, rule, batch_size, device)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [self.attributor(str(i), str(o)) for i, o in zip(batch["in_uri"], batch["out_uri"], strict=True)]
-        return {"out_uri": batch["out_uri"], "rows": np.asarray(rows, dtype=np.int64)}
-
-
-def _call(fn: Callable[[Any], Any], item: Any) -> Any:
+    torch.set_num_threads(threads)
     return fn(item)
 
 
 class RayExecutor:
     name = "ray"
+    concurrent_stages = True
 
     def __init__(self, config: Config, log=print):
         self.config = config
@@ -98,56 +94,52 @@ class RayExecutor:
         self.placement = placement_resources(config.ray.worker_resource)
         nodes = schedulable_nodes(config.ray.worker_resource)
         self.plan: Plan = plan_resources(schedulable_resources(nodes), config.ray, nodes)
-        log(f"[ray] plan: {self.plan}" + (f", on nodes with '{config.ray.worker_resource}'" if self.placement else ""))
+        self.routes_at_once = routes_at_once(self.plan, nodes)
+        self.route_slots = threading.BoundedSemaphore(self.routes_at_once)
+        log(
+            f"[ray] plan: {self.plan}, {self.routes_at_once} route(s) at once"
+            + (f", on nodes with '{config.ray.worker_resource}'" if self.placement else "")
+        )
+        # One worker process per attribution task starts and imports while the driver prepares the data;
+        # the first route, the attribution and the per-shard tasks then run on them (`ready`).
+        self.warming = warm_up(self.plan.max_actors, self.placement)
+
+    def ready(self) -> None:
+        """Wait (once, at most a minute) for the warm-up: a task sent before would start in a cold process."""
+        if self.warming:
+            ray.wait(self.warming, num_returns=len(self.warming), timeout=60.0)
+            self.warming = []
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], desc: str = "") -> list[Any]:
-        with user_errors_unwrapped():  # a task's RaypipeError (a damaged shard) as itself, not a RayTaskError
-            return self._map(fn, list(items), desc)
-
-    def _map(self, fn: Callable[[Any], Any], items: list[Any], desc: str) -> list[Any]:
+        self.ready()
+        items = list(items)
         remote = ray.remote(_call).options(num_cpus=self.plan.cpus_per_task, resources=self.placement)
-        fn_ref = ray.put(fn)
-        refs = [remote.remote(fn_ref, item) for item in items]
-        start, done, last = time.perf_counter(), 0, 0.0
-        pending = list(refs)
-        while pending:  # progress while waiting; results come back in input order below
-            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=5.0)
-            done += len(ready)
-            now = time.perf_counter() - start
-            if len(items) > 1 and (now - last > 5 or not pending):
-                self.log(f"  {desc}: {done}/{len(items)} shards ({now:.1f} s)")
-                last = now
-        return ray.get(refs)
+        fn_ref = ray.put(fn)  # once: the tasks read it from the object store (arrays without a copy)
+        threads = max(1, int(self.plan.cpus_per_task))
+        with user_errors_unwrapped():  # a task's RaypipeError (a damaged shard) as itself, not a RayTaskError
+            return run_bounded(
+                lambda item: remote.remote(fn_ref, threads, item), items, max(len(items), 1), desc, self.log
+            )
 
-    def attribute(self, model_uri: str, jobs: list[tuple[str, str]], rule: str, batch_size: int, device: str) -> int:
+    def attribute(self, spec: AttributionPass, jobs: list[tuple[str, str]]) -> int:
         if not jobs:
             return 0
+        self.ready()
         plan = self.plan
-        n_actors = max(1, min(plan.max_actors, len(jobs)))
-        device = "cuda" if plan.use_gpu else "cpu"
-        jobs_ds = ray.data.from_items([{"in_uri": i, "out_uri": o} for i, o in jobs], override_num_blocks=len(jobs))
-        out = jobs_ds.map_batches(
-            _ShardActor,
-            fn_constructor_kwargs={"model_uri": model_uri, "rule": rule, "batch_size": batch_size, "device": device},
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors),
-            num_cpus=plan.cpus_per_actor,
-            num_gpus=plan.gpus_per_actor,
-            resources=self.placement,
-        )
-        rows = 0
+        spec = dataclasses.replace(spec, device="cuda" if plan.use_gpu else "cpu")  # where the plan puts it
+        n = max(1, min(plan.max_actors, len(jobs)))
         with user_errors_unwrapped():
-            for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-                rows += int(batch["rows"].sum())
-        return rows
+            if plan.use_gpu:
+                return attribute_on_actors(spec, jobs, n, plan.cpus_per_actor, plan.gpus_per_actor, self.placement)
+            return attribute_in_tasks(spec, jobs, n, plan.cpus_per_actor, self.placement, self.log)
 
     def train(self, request: TrainRequest) -> dict[str, Any]:
+        """One route on its own workers, once a slot is free (called from several threads at once)."""
         from raypipe.distributed.train import train_on_ray
 
-        ray_cfg = self.config.ray
-        return train_on_ray(
-            request, self.plan, ray_cfg.max_failures, ray_cfg.worker_cache_mb, self.log, placement=self.placement
-        )
+        self.ready()
+        with self.route_slots:
+            return train_on_ray(request, self.plan, self.config.ray.max_failures, self.log, placement=self.placement)
 
     def close(self) -> None:
         pass  # the cluster outlives the job; a local Ray started here ends with the process

@@ -1,12 +1,12 @@
 """Sizing actors, tasks and Train workers from what the cluster has, so nothing waits forever.
 
-Ray Data and Ray Train share the cluster. A trainer whose workers hold every CPU starves the Ray
-Data tasks that feed it, and both wait forever (seen on 2 CPUs). So the trainer always leaves at
-least one CPU (or a share of one on tiny machines) to Ray Data, and workers take fractional CPUs
-where the machine is small. Given the nodes, the plan must also fit node by node: the cluster's
-total can hide that no single node has the CPUs one worker asks for (4 one-CPU nodes: workers of
-1.5 CPUs never start), or that the workers fill every node and leave Ray Data no room. Pure
-arithmetic on resource dicts: unit-tested without a cluster.
+The attribution actors run alone, one per CPU (or GPU). A training route takes `num_workers` workers
+of `cpus_per_worker` CPUs (and a GPU each when there are GPUs); together they hold at most all CPUs
+but one (half of a tiny machine), so a worker group never takes every CPU from the tasks beside it.
+Independent routes run side by side as long as they fit (`routes_at_once`), each with its own
+workers. Given the nodes, the plan must also fit node by node: the cluster's total can hide that no
+single node has the CPUs one worker asks for (4 one-CPU nodes: workers of 1.5 CPUs never start).
+Pure arithmetic on resource dicts: unit-tested without a cluster.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from raypipe.errors import ConfigError, RaypipeError
 @dataclass(frozen=True)
 class Plan:
     use_gpu: bool
-    # Attribution actor pool.
+    # Attribution: tasks (actors on GPUs) at once, and what each holds.
     max_actors: int
     cpus_per_actor: float
     gpus_per_actor: float
     # Generic per-shard tasks (fit sample, scoring, sufficient statistics).
     cpus_per_task: float
-    # Ray Train.
+    # Training: workers per route (1: a Ray task, more: Ray Train), and what each holds.
     num_workers: int
     cpus_per_worker: float
     gpus_per_worker: float
@@ -42,7 +42,7 @@ def plan_resources(resources: dict[str, float], cfg: RayConfig, nodes: list[dict
 
 def _packs(node_cpus: list[float], n_workers: int, per_worker: float, reserve: float) -> bool:
     """Can `n_workers` of `per_worker` CPUs each be placed on nodes with `node_cpus` free CPUs, one
-    node still keeping `reserve` CPUs for Ray Data? (Each worker goes to the node with the most free.)"""
+    node still keeping `reserve` CPUs for other tasks? (Each worker goes to the node with the most free.)"""
     free = sorted(node_cpus, reverse=True)
     for _ in range(n_workers):
         free.sort(reverse=True)
@@ -55,7 +55,7 @@ def _packs(node_cpus: list[float], n_workers: int, per_worker: float, reserve: f
 def _fit_to_nodes(plan: Plan, nodes: list[dict[str, float]], fixed_workers: bool) -> Plan:
     if plan.use_gpu:
         # A GPU worker / actor takes its CPUs on its GPU's node: share what each GPU node has left
-        # after one CPU (half, on a one-CPU node) is kept for Ray Data.
+        # after one CPU (half, on a one-CPU node) is kept for other tasks.
         gpu_nodes = [n for n in nodes if n.get("GPU", 0.0) >= 1]
         share = min(max(n["CPU"] - 1.0, n["CPU"] / 2) / int(n["GPU"]) for n in gpu_nodes) if gpu_nodes else 1.0
         return replace(
@@ -76,10 +76,23 @@ def _fit_to_nodes(plan: Plan, nodes: list[dict[str, float]], fixed_workers: bool
         if fixed_workers or num_workers == 1:
             raise RaypipeError(
                 f"ray.num_workers={num_workers} Train workers do not fit on the cluster's nodes (CPUs per node: "
-                f"{sorted(node_cpus, reverse=True)}) with room left for Ray Data; lower ray.num_workers or set it to 0 "
-                "(size from the cluster)"
+                f"{sorted(node_cpus, reverse=True)}) with a CPU left for other tasks; lower ray.num_workers or set it "
+                "to 0 (size from the cluster)"
             )
         num_workers -= 1
+
+
+def routes_at_once(plan: Plan, nodes: list[dict[str, float]]) -> int:
+    """How many training routes of `plan` fit on `nodes` side by side, each with its own
+    `plan.num_workers` workers (at least 1: the others wait for one to finish)."""
+    if plan.use_gpu:
+        gpus = sum(int(n.get("GPU", 0.0) // max(plan.gpus_per_worker, 1e-9)) for n in nodes)
+        return max(1, gpus // plan.num_workers)
+    node_cpus = [float(n.get("CPU", 0.0)) for n in nodes if n.get("CPU", 0.0) > 0]
+    routes = 1
+    while node_cpus and _packs(node_cpus, (routes + 1) * plan.num_workers, plan.cpus_per_worker, 0.0):
+        routes += 1
+    return routes
 
 
 def _plan_from_totals(resources: dict[str, float], cfg: RayConfig) -> Plan:
@@ -103,7 +116,7 @@ def _plan_from_totals(resources: dict[str, float], cfg: RayConfig) -> Plan:
                 f"asked for {max(max_actors, num_workers)} GPU actors/workers but the cluster has {int(gpus)} GPUs; "
                 "lower ray.max_actors / ray.num_workers or set them to 0 (size from the cluster)"
             )
-        # Leave one CPU for Ray Data; share the rest between the GPU workers / actors.
+        # Leave one CPU for other tasks; share the rest between the GPU workers / actors.
         spare = max(cpus - 1.0, 0.5)
         return Plan(
             True, max_actors, min(1.0, spare / max_actors), 1.0, 1.0, num_workers, min(4.0, spare / num_workers), 1.0

@@ -1,19 +1,22 @@
-"""Ray Train for every training stage: the one training loop (`raypipe.stages.train.train_route`) on
-every worker, data-parallel.
+"""The training stages on Ray: the one training loop (`raypipe.stages.train.train_route`) in a Ray task
+(one worker) or on Ray Train workers (several, data-parallel).
 
-Each worker trains a DistributedDataParallel copy (gloo on CPU, nccl on GPU, chosen by Ray Train) on
-its share of the training set, and rank 0 writes the stage's ``checkpoint.pt`` after every epoch
-(the one checkpoint format: model, optimizer, loop state, the trajectory recorder merged over the
-ranks). On a worker failure Ray Train restarts the group (`FailureConfig(max_failures)`) and every
-worker resumes from that file, so at most the epoch in flight is redone; Ray Train itself keeps no
-checkpoint. At the end rank 0 publishes ``model.pt``; the driver evaluates it on the test split.
+- One worker (`plan.num_workers == 1`: what a small cluster, or one GPU, gives each route): the route
+  runs in a Ray task holding the worker's CPUs (and GPU): no TorchTrainer, no worker group, no Ray Data
+  pass to start. A task whose worker process dies is run again (`max_retries = ray.max_failures`) and
+  resumes from the stage's ``checkpoint.pt``. The task also scores the model on the test split, so
+  routes that run side by side each pay for their own.
+- Several workers: a TorchTrainer; each worker trains a DistributedDataParallel copy (gloo on CPU, nccl
+  on GPU, chosen by Ray Train). On a worker failure Ray Train restarts the group
+  (`FailureConfig(max_failures)`) and every worker resumes from ``checkpoint.pt``, so at most the epoch
+  in flight is redone; Ray Train itself keeps no checkpoint (nothing is uploaded through it).
 
-Where the data comes from (`ingest`):
-- "ray_data" (the pipeline's routes): this worker's shard of a Ray Dataset over the training Parquet
-  (only the clean part after the partition), streamed; kept in memory after the first epoch when it
-  fits `cache_bytes` (each fresh Ray Data pass costs seconds of start-up) and then reshuffled per epoch;
-- "memory" (a sweep trial's fine-tuning): every worker reads the clean part and takes its rank's
-  stride of one global permutation per epoch, so a trial never waits on Ray Data tasks.
+Either way rank 0 writes ``checkpoint.pt`` after every epoch (the one checkpoint format: model,
+optimizer, loop state, the trajectory recorder merged over the ranks) and publishes ``model.pt``; every
+worker holds the route's samples (L-FT: the backbone features the attribution pass kept) and trains on
+its rank's stride of each epoch's permutation in batches of batch_size / workers
+(`raypipe.stages.train.route_data`): the same global batches, learning rate and data order as in one
+process.
 """
 
 from __future__ import annotations
@@ -22,10 +25,9 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -34,67 +36,40 @@ import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 
 from raypipe import layout, storage
-from raypipe.data import batch_from_table
 from raypipe.distributed.resources import Plan
 from raypipe.errors import TrainingDiverged, user_errors_unwrapped
-from raypipe.stages.data import train_shards
+from raypipe.stages.data import train_format
 from raypipe.stages.train import (
     TrainRequest,
     Worker,
-    clean_ids,
-    keep_ids,
+    route_data,
+    route_size,
     route_summary,
     train_route,
-    training_samples,
 )
-from raypipe.storage import absolute, read_manifest
-from raypipe.training.loop import InMemory
+from raypipe.storage import absolute
+from raypipe.training.loop import EpochData, resolve_device
 
 
-class WorkerShard:
-    """This worker's part of the training set, streamed from Ray Data, epoch by epoch.
+def worker_data(request: TrainRequest, rank: int, world: int) -> tuple[EpochData, int]:
+    """What this Ray worker trains on -> (data, samples of the route). (tests/faults wraps it in Ray
+    workers to kill one mid-epoch.)"""
+    return route_data(request, rank, world)
 
-    The first epoch streams it; if it is at most `cache_bytes`, it is kept as tensors (with its
-    sample ids) and later epochs reshuffle it in memory, seeded by epoch.
-    """
 
-    def __init__(self, shard, shape, batch_size: int, seed: int, cache_bytes: int):
-        self.shard, self.shape, self.batch_size, self.seed = shard, tuple(shape), batch_size, seed
-        self.cache_bytes = cache_bytes
-        self.cache: tuple[np.ndarray, torch.Tensor, torch.Tensor] | None = None  # (ids, x, y)
+def run_worker(request: TrainRequest, worker: Worker, cpus: float) -> int:
+    """One copy of the loop on this Ray worker -> the number of samples the route trains on."""
+    torch.set_num_threads(max(1, int(cpus)))
+    data, n_train = worker_data(request, worker.rank, worker.world)
+    train_route(request, data, *train_format(request.data_uri), worker)
+    return n_train
 
-    def _stream(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
-        for table in self.shard.iter_batches(
-            batch_size=self.batch_size,
-            batch_format="pyarrow",
-            local_shuffle_buffer_size=max(4 * self.batch_size, 1024),
-            local_shuffle_seed=self.seed + epoch,
-        ):
-            b = batch_from_table(table, self.shape)
-            yield torch.as_tensor(b["x"]), torch.as_tensor(b["label"]), b["sample_id"]
 
-    def _first_pass(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        parts, size = [], 0
-        for x, y, ids in self._stream(epoch):
-            size += x.numel() * x.element_size()
-            if size <= self.cache_bytes:
-                parts.append((ids, x, y))
-            yield x, y
-        if size <= self.cache_bytes and parts:
-            self.cache = (
-                np.concatenate([p[0] for p in parts]),
-                torch.cat([p[1] for p in parts]),
-                torch.cat([p[2] for p in parts]),
-            )
-
-    def batches(self, epoch: int):
-        if self.cache is None:
-            return self._first_pass(epoch)
-        ids, x, y = self.cache
-        return InMemory(x, y, ids, self.batch_size, self.seed).batches(epoch)
-
-    def held(self):
-        return self.cache
+def _route_task(request_dict: dict[str, Any], cpus: float, device: str, started_at: float) -> dict[str, Any]:
+    """A one-worker route, whole: train (or resume), publish, score on the test split -> the stage summary."""
+    request = TrainRequest.from_dict(request_dict)
+    n_train = run_worker(request, Worker(resolve_device(device)), cpus)
+    return route_summary(request, n_train, started_at, num_workers=1)
 
 
 def _gather(obj: Any) -> list[Any]:
@@ -104,25 +79,10 @@ def _gather(obj: Any) -> list[Any]:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker: its data, its place among the ranks, then the one loop."""
+    """One Ray Train worker: its place among the ranks, then the one loop."""
     request = TrainRequest.from_dict(config["request"])
-    torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    batch_size = request.train.batch_size
-    if config["ingest"] == "memory":
-        train = training_samples(request)
-        data = InMemory.from_arrays(
-            train.x, train.label, train.sample_id, batch_size, request.seed, rank=rank, world=world
-        )
-    else:
-        data = WorkerShard(
-            ray.train.get_dataset_shard("train"),
-            config["sample_shape"],
-            batch_size,
-            request.seed,
-            config["cache_bytes"],
-        )
     relay = config.get("relay")
 
     def report(metrics: dict[str, Any]) -> None:
@@ -130,11 +90,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             relay.put(metrics)
         ray.train.report(metrics)
 
-    worker = Worker(
-        ray.train.torch.get_device(), rank, world, ray.train.torch.prepare_model, _gather if world > 1 else None, report
-    )
+    device = ray.train.torch.get_device()
+    worker = Worker(device, rank, world, ray.train.torch.prepare_model, _gather if world > 1 else None, report)
     try:
-        train_route(request, data, config["sample_shape"], config["num_classes"], worker)
+        run_worker(request, worker, config["cpus_per_worker"])
     except TrainingDiverged as e:  # every rank stops at the same epoch; a restarted group would diverge again
         if rank == 0:
             storage.write_json(layout.failure_file(request.out_uri), {"error": str(e)})
@@ -143,7 +102,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 class _Trainer(TorchTrainer):
     """Ctrl-C during `fit`: Ray Train's own handler aborts the run and then exits the process with status 1
     and no word (and stays installed after `fit`); this one tells the controller to stop the workers and
-    raises KeyboardInterrupt, which the CLI turns into one line and exit status 130."""
+    raises KeyboardInterrupt, which the CLI turns into one line and exit status 130. (Ray Train registers
+    it only from the main thread; routes running side by side are in other threads, where Ctrl-C reaches
+    the runner's main thread instead.)"""
 
     def _register_sigint_handler(self, controller) -> None:
         def interrupted(signum, frame):
@@ -177,42 +138,34 @@ def train_on_ray(
     request: TrainRequest,
     plan: Plan,
     max_failures: int,
-    cache_mb: int,
     log: Callable[[str], None] = print,
     placement: dict[str, float] | None = None,
-    ingest: str = "ray_data",
     relay=None,
 ) -> dict[str, Any]:
-    """Run `request` on a TorchTrainer of `plan.num_workers` workers -> the same summary as in-process.
+    """Run `request` on `plan.num_workers` workers -> the same summary as in-process.
 
     `placement`: custom resources each worker asks for on top of CPU / GPU (`ray.worker_resource`),
     which confines the workers to the nodes that declare them. `relay`: a Ray queue that rank 0 also
-    puts every epoch's metrics in (a Tune trial drains it into `tune.report`).
+    puts every epoch's metrics in (a Tune trial drains it into `tune.report`; Ray Train workers only).
     """
-    started = time.perf_counter()
-    data_summary = read_manifest(request.data_uri)["summary"]
-    n_train = data_summary["rows"]["train"]
-    datasets = {}
-    if ingest == "ray_data":
-        dataset = ray.data.read_parquet(train_shards(request.data_uri), shuffle=None)
-        if request.route != "initial":
-            ids = clean_ids(request.partition_uri)  # [n_clean] int64: 8 bytes a sample, shipped once per task
-            n_train = len(ids)
-            dataset = dataset.map_batches(keep_ids, fn_args=(ids,), batch_format="pyarrow")
-        datasets = {"train": dataset}
-    elif request.route != "initial":
-        n_train = len(clean_ids(request.partition_uri))
+    started_at = time.time()
+    in_task = plan.num_workers == 1 and relay is None
+    where = "a Ray task" if in_task else f"{plan.num_workers} Ray Train workers"
+    gpu = f" + {plan.gpus_per_worker:g} GPU" if plan.use_gpu else ""
+    log(f"[{request.route}] training: {where}, {plan.cpus_per_worker:g} CPU{gpu} each, {request.train.epochs} epochs")
+    if in_task:
+        task = ray.remote(_route_task).options(
+            num_cpus=plan.cpus_per_worker,
+            num_gpus=plan.gpus_per_worker if plan.use_gpu else 0,
+            resources=placement or {},
+            max_retries=max_failures,  # the worker process died: run again, from checkpoint.pt
+        )
+        device = "cuda" if plan.use_gpu else "cpu"
+        with user_errors_unwrapped():  # a diverged loss, a damaged file: the task's RaypipeError as itself
+            return ray.get(task.remote(request.to_dict(), plan.cpus_per_worker, device, started_at))
     trainer = _Trainer(
         train_loop_per_worker,
-        train_loop_config={
-            "request": request.to_dict(),
-            "sample_shape": data_summary["sample_shape"],
-            "num_classes": data_summary["num_classes"],
-            "cpus_per_worker": plan.cpus_per_worker,
-            "cache_bytes": cache_mb * 2**20,
-            "ingest": ingest,
-            "relay": relay,
-        },
+        train_loop_config={"request": request.to_dict(), "cpus_per_worker": plan.cpus_per_worker, "relay": relay},
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan.num_workers,
             use_gpu=plan.use_gpu,
@@ -228,12 +181,6 @@ def train_on_ray(
             storage_path=absolute(layout.ray_train_dir(request.out_uri)),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
-        datasets=datasets,
-    )
-    log(
-        f"[{request.route}] Ray Train: {plan.num_workers} workers x {plan.cpus_per_worker:g} CPU"
-        + (" + 1 GPU" if plan.use_gpu else "")
-        + f", {request.train.epochs} epochs on {n_train} samples"
     )
     _fit(trainer, request.out_uri)
-    return route_summary(request, n_train, started, num_workers=plan.num_workers)
+    return route_summary(request, route_size(request), started_at, num_workers=plan.num_workers)

@@ -1,7 +1,7 @@
 """Ray Tune over the repair's settings: the thin wrapper around :mod:`raypipe.sweep`.
 
 - the shared stages (data, initial model, one attribution per rule) run once, before any trial, on
-  the configured executor (``run.executor``: in this process, or Ray Data / Ray Train);
+  the configured executor (``run.executor``: in this process, or on Ray);
 - each trial is a Tune function trainable running :func:`raypipe.sweep.trial.run_trial`: the
   pipeline from the partition on, its fine-tuning reporting every epoch to ``tune.report`` so ASHA
   can stop bad trials early. With ``sweep.workers_per_trial > 1`` the fine-tuning runs on a
@@ -63,7 +63,7 @@ class _TrainOnWorkers(LocalExecutor):
 
         def fit() -> None:
             try:
-                results.put(train_on_ray(request, plan, c["max_failures"], 0, self.log, ingest="memory", relay=relay))
+                results.put(train_on_ray(request, plan, c["max_failures"], self.log, relay=relay))
             except BaseException as e:  # re-raised in the trial function below
                 results.put(e)
 

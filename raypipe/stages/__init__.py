@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
+    from raypipe.stages.attribution import AttributionPass
     from raypipe.stages.train import TrainRequest
 
 T = TypeVar("T")
@@ -20,13 +21,16 @@ class Executor(Protocol):
     """What a stage may ask of the place it runs (`raypipe.executors.LocalExecutor`, or the Ray executor)."""
 
     name: str
+    # Whether the runner may hand it independent stages together, each from its own thread (the Ray
+    # executor: each route on its own workers); False: one stage at a time, in table order.
+    concurrent_stages: bool
 
     def map(self, fn: Callable[[T], R], items: Iterable[T], desc: str = "") -> list[R]:
         """[fn(item) for item in items], in order; fn is pure and idempotent (it may run anywhere, twice)."""
         ...
 
-    def attribute(self, model_uri: str, jobs: list[tuple[str, str]], rule: str, batch_size: int, device: str) -> int:
-        """Attribute every (data shard URI, output shard URI) job with the model at `model_uri` -> rows written."""
+    def attribute(self, spec: AttributionPass, jobs: list[tuple[str, str]]) -> int:
+        """Attribute every (data shard URI, output shard URI) job as `spec` says -> rows written."""
         ...
 
     def train(self, request: TrainRequest) -> dict[str, Any]:

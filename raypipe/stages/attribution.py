@@ -4,32 +4,54 @@ Each output shard has the name of its data shard and one row per sample of it: s
 pred_label, pred_prob, given_prob, loss, probe [d], attribution [m] (and the ground truth columns
 when the data has them, for scoring only). A shard file is published atomically, so a
 rerun after a crash skips every shard already written and computes only the rest.
+
+With `keep_features` each shard also keeps the backbone's output for its samples (sample_id, label,
+features [F]) under ``features/`` (`raypipe.layout.features_dir`), written before the shard itself:
+L-FT trains the head on them instead of running the frozen backbone again (`read_features`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raypipe import storage
+from raypipe import layout, storage
 from raypipe.core.attribution import attribute_batch
 from raypipe.core.models import ProbedModel
 from raypipe.data import batch_from_table
-from raypipe.tables import table_from_columns
+from raypipe.tables import columns_from_table, table_from_columns
 from raypipe.training.checkpoint import load_model
 from raypipe.training.loop import resolve_device
+
+
+@dataclass(frozen=True)
+class AttributionPass:
+    """What one attribution pass computes with: the model, the rule, the batch size, the device, and
+    whether it keeps the backbone's features for L-FT."""
+
+    model_uri: str
+    rule: str
+    batch_size: int
+    device: str = "cpu"
+    keep_features: bool = False
+
+    def attributor(self) -> ShardAttributor:
+        return ShardAttributor(self.model_uri, self.rule, self.batch_size, self.device, self.keep_features)
 
 
 class ShardAttributor:
     """Holds one model (loaded once) and attributes whole shards: the body of an actor."""
 
-    def __init__(self, model_uri: str, rule: str, batch_size: int, device: str = "cpu"):
+    def __init__(self, model_uri: str, rule: str, batch_size: int, device: str = "cpu", keep_features: bool = False):
         self.device = resolve_device(device)
         model, self.signature, _ = load_model(model_uri)
         self.model: ProbedModel = model.to(self.device).eval()
         self.rule = rule
         self.batch_size = batch_size
+        self.keep_features = keep_features
 
     def __call__(self, in_uri: str, out_uri: str) -> int:
         fs, path = storage.resolve(in_uri)
@@ -39,10 +61,13 @@ class ShardAttributor:
             # Stream the shard in record batches: memory is one batch, whatever the shard size.
             for record_batch in pq.ParquetFile(f).iter_batches(batch_size=self.batch_size):
                 batch = batch_from_table(pa.Table.from_batches([record_batch]), shape)
-                out = attribute_batch(self.model, batch, self.rule, self.device)
+                out = attribute_batch(self.model, batch, self.rule, self.device, self.keep_features)
                 for key, value in out.items():
                     parts.setdefault(key, []).append(value)
         columns = {key: np.concatenate(values) for key, values in parts.items()}
+        if self.keep_features:  # before the shard: a published shard always has its features
+            kept = {"sample_id": columns["sample_id"], "label": columns["label"], "features": columns.pop("features")}
+            storage.write_table(layout.features_shard(out_uri), table_from_columns(kept))
         storage.write_table(out_uri, table_from_columns(columns))
         return len(columns["sample_id"])
 
@@ -55,3 +80,23 @@ def pending_shards(data_shards: list[str], out_uri: str) -> list[tuple[str, str]
         if not storage.exists(target):
             jobs.append((in_uri, target))
     return jobs
+
+
+def read_features(attribution_uri: str, ids: np.ndarray, max_bytes: int) -> dict[str, np.ndarray] | None:
+    """The kept features of the samples in `ids` (sorted), in shard order -> {sample_id, label, features
+    [n, F] float32}; None when a shard has none (the attribution ran without `keep_features`) or they
+    would take more than `max_bytes`."""
+    shards = storage.list_files(attribution_uri, ".parquet")
+    kept = [layout.features_shard(uri) for uri in shards]
+    if not shards or not all(storage.exists(uri) for uri in kept):
+        return None
+    fs, path = storage.resolve(kept[0])
+    width = pq.read_schema(path, filesystem=fs).field("features").type.list_size
+    if len(ids) * width * 4 > max_bytes:
+        return None
+    parts = []
+    for uri in kept:
+        cols = columns_from_table(storage.read_table(uri))
+        keep = np.isin(cols["sample_id"], ids)
+        parts.append({k: v[keep] for k, v in cols.items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("sample_id", "label", "features")}

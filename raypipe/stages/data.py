@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from raypipe import layout, storage
 from raypipe.config import DataConfig, NoiseConfig
-from raypipe.data import SampleSet, apply_noise, load_splits, samples_from_table, table_from_samples
+from raypipe.data import SampleSet, apply_noise, load_splits, sample_format, samples_from_table, table_from_samples
 
 
 def run(data_cfg: DataConfig, noise_cfg: NoiseConfig, out_uri: str, log=print) -> dict[str, Any]:
@@ -49,6 +50,12 @@ def run(data_cfg: DataConfig, noise_cfg: NoiseConfig, out_uri: str, log=print) -
 
 def train_shards(data_uri: str) -> list[str]:
     return storage.list_files(layout.train_dir(data_uri), ".parquet")
+
+
+def train_format(data_uri: str) -> tuple[tuple[int, ...], int]:
+    """(sample shape, class count) of the training samples, from the first shard's schema (no rows read)."""
+    fs, path = storage.resolve(train_shards(data_uri)[0])
+    return sample_format(pq.read_schema(path, filesystem=fs))
 
 
 def read_split(data_uri: str, name: str) -> SampleSet:

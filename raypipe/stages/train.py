@@ -1,10 +1,12 @@
 """Stages `initial`, `retrain`, `l_ft`, `f_ft`: one training request, the same body wherever it runs.
 
 A `TrainRequest` names everything by URI (data, partition, starting checkpoint, output), so the same
-request runs in this process (`train_local`), on Ray Train workers or inside a Tune trial, and
-`train_route` is the body all of them run: build or load the model, resume from the stage's
-``checkpoint.pt``, run the one training loop with the callbacks the request asks for, publish
-``model.pt`` (and the training trajectory of the initial model). Output layout: `raypipe.layout`.
+request runs in this process (`train_local`), in a Ray task, on Ray Train workers or inside a Tune
+trial; `route_data` is what every one of them trains on (the same samples, order and global batch on
+1 or n data-parallel copies) and `train_route` the body all of them run: build or load the model,
+resume from the stage's ``checkpoint.pt``, run the one training loop with the callbacks the request
+asks for, publish ``model.pt`` (and the training trajectory of the initial model). Output layout:
+`raypipe.layout`.
 """
 
 from __future__ import annotations
@@ -23,17 +25,21 @@ from raypipe import layout, storage
 from raypipe.config import ModelConfig, TrainConfig
 from raypipe.core.models import build_model, model_signature
 from raypipe.data import SampleSet, samples_from_table
-from raypipe.stages.data import read_split, train_sample_ids
+from raypipe.stages.attribution import read_features
+from raypipe.stages.data import read_split, train_format, train_sample_ids
 from raypipe.tables import columns_from_table, table_from_columns
 from raypipe.training.callbacks import Gather, Log, RecordTrajectory, Report, StopOnNonFinite, Validate
 from raypipe.training.checkpoint import SaveCheckpoint, load_model, restore, save_model
 from raypipe.training.loop import (
+    FEATURE_CACHE_MAX_BYTES,
+    CachedFeatures,
     Callback,
     EpochData,
     InMemory,
     LoopState,
     evaluate,
     fit,
+    per_rank_batch,
     prepare,
     resolve_device,
 )
@@ -60,6 +66,8 @@ class TrainRequest:
     early_loss_epoch: int = 0
     # A labelled set (raypipe's sample-table Parquet) scored after every epoch (a sweep trial's objective).
     val_uri: str | None = None
+    # l_ft: the attribution stage, whose kept backbone features the head trains on (when it kept them).
+    attribution_uri: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,6 +95,33 @@ def training_samples(request: TrainRequest) -> SampleSet:
     if request.route == "initial":
         return train
     return train.subset(np.isin(train.sample_id, clean_ids(request.partition_uri)))
+
+
+def route_data(request: TrainRequest, rank: int = 0, world: int = 1) -> tuple[EpochData, int]:
+    """What `request` trains on as rank `rank` of `world` data-parallel copies -> (data, samples of the route).
+
+    Every copy holds the route's samples and takes its rank's stride of each epoch's permutation, in
+    batches of `per_rank_batch` (one process: the whole batch), so 1 or n copies see the same global
+    batches. L-FT trains on the backbone features the attribution pass kept, when it kept them; else
+    `prepare` computes them once from the samples.
+    """
+    batch, seed = per_rank_batch(request.train.batch_size, world), request.seed
+    if request.route == "l_ft" and request.attribution_uri is not None:
+        kept = read_features(request.attribution_uri, clean_ids(request.partition_uri), FEATURE_CACHE_MAX_BYTES)
+        if kept is not None:
+            features = InMemory.from_arrays(
+                kept["features"], kept["label"], kept["sample_id"], batch, seed, rank=rank, world=world
+            )
+            return CachedFeatures.given(features), len(kept["sample_id"])
+    train = training_samples(request)
+    return InMemory.from_arrays(train.x, train.label, train.sample_id, batch, seed, rank=rank, world=world), len(train)
+
+
+def route_size(request: TrainRequest) -> int:
+    """How many samples `request` trains on (without reading them)."""
+    if request.route == "initial":
+        return len(train_sample_ids(request.data_uri))
+    return len(clean_ids(request.partition_uri))
 
 
 def starting_model(request: TrainRequest, sample_shape, num_classes):
@@ -145,7 +180,10 @@ def train_route(request: TrainRequest, data: EpochData, sample_shape, num_classe
         callbacks.append(Validate(model, val.x, val.label, worker.device))
     checkpoint = layout.checkpoint_file(request.out_uri)
     state = restore(checkpoint, model, signature, optimizer, callbacks, worker.log)
-    callbacks.append(SaveCheckpoint(checkpoint, model, signature, optimizer, list(callbacks), worker.rank == 0))
+    # After the last epoch model.pt is published at once: no checkpoint then, unless a report sink may stop
+    # the run at that epoch's report, before model.pt (Tune ends a trial at its last report).
+    final = request.train.epochs if worker.report is None else None
+    callbacks.append(SaveCheckpoint(checkpoint, model, signature, optimizer, list(callbacks), worker.rank == 0, final))
     if worker.report is not None:
         callbacks.append(Report(worker.report))
     if worker.rank == 0:
@@ -168,19 +206,24 @@ def finished_state(model_uri: str) -> LoopState:
     return LoopState(done["epochs"], done["seconds_train"], list(done["history"]))
 
 
-def route_summary(request: TrainRequest, n_train: int, started: float, **extra) -> dict[str, Any]:
+def route_summary(request: TrainRequest, n_train: int, started_at: float, **extra) -> dict[str, Any]:
     """What a training stage reports: the published model on the clean test split, its epochs and times
-    (from ``model.pt``, which carries its training history wherever it was trained)."""
+    (from ``model.pt``, which carries its training history wherever it was trained). `started_at`: the
+    Unix time the route started; `seconds_total` and `wall_interval` ([start, end], Unix seconds) are
+    its own wall time, whatever else ran beside it."""
     model, _, _ = load_model(layout.model_file(request.out_uri))
     state = finished_state(layout.model_file(request.out_uri))
     device = resolve_device(request.device)
     test = read_split(request.data_uri, "test")
     last = state.history[-1] if state.history else {}
+    scores = evaluate(model.to(device), test.x, test.label, device)
+    finished_at = time.time()
     return {
-        **evaluate(model.to(device), test.x, test.label, device),
+        **scores,
         "seconds_per_epoch": state.seconds_per_epoch,
         "seconds_train": state.seconds_train,
-        "seconds_total": time.perf_counter() - started,
+        "seconds_total": finished_at - started_at,
+        "wall_interval": [started_at, finished_at],
         "epochs": state.epoch,
         "n_train": int(n_train),
         "train_accuracy_given_labels": float(last.get("train_accuracy", float("nan"))),
@@ -191,10 +234,9 @@ def route_summary(request: TrainRequest, n_train: int, started: float, **extra) 
 
 def train_local(request: TrainRequest, log=print, report: Callable[[dict[str, Any]], None] | None = None):
     """Run `request` in this process -> the stage summary."""
-    started = time.perf_counter()
-    device = resolve_device(request.device)
-    train = training_samples(request)
-    data = InMemory.from_arrays(train.x, train.label, train.sample_id, request.train.batch_size, request.seed)
-    worker = Worker(device, report=report, log=log)
-    train_route(request, data, train.sample_shape, train.num_classes, worker)
-    return route_summary(request, len(train), started)
+    started_at = time.time()
+    data, n_train = route_data(request)
+    train_route(
+        request, data, *train_format(request.data_uri), Worker(resolve_device(request.device), report=report, log=log)
+    )
+    return route_summary(request, n_train, started_at)

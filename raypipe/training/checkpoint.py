@@ -102,8 +102,10 @@ def restore(
 
 class SaveCheckpoint(Callback):
     """Writes ``checkpoint.pt`` after every epoch (the writer rank only; every rank gathers the
-    callbacks' states, which may be collective operations). Keep it after the callbacks that add
-    metrics, so the saved history is complete."""
+    callbacks' states, which may be collective operations) but `final_epoch`, after which the caller
+    publishes the model at once (a checkpoint then would only be written and deleted: on object
+    storage, an upload for nothing). Keep it after the callbacks that add metrics, so the saved
+    history is complete."""
 
     name = "checkpoint"
 
@@ -115,11 +117,14 @@ class SaveCheckpoint(Callback):
         optimizer: torch.optim.Optimizer,
         callbacks: list[Callback],
         writer: bool = True,
+        final_epoch: int | None = None,
     ):
         self.uri, self.model, self.signature, self.optimizer = uri, model, signature, optimizer
-        self.callbacks, self.writer = callbacks, writer
+        self.callbacks, self.writer, self.final_epoch = callbacks, writer, final_epoch
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, Any], state: LoopState) -> None:
+        if epoch == self.final_epoch:
+            return
         states = {c.name: s for c in self.callbacks if (s := c.state_dict()) is not None}
         if not self.writer:
             return

@@ -13,7 +13,9 @@ the clean part: the baseline), l_ft (from the pruned model, on the clean part, t
 Data order: epoch e visits a permutation of the samples seeded by (seed, e) alone, so a run resumed
 at epoch e sees the same batches as an uninterrupted one; with `world` data-parallel ranks, rank r
 takes every world-th sample of that permutation (padded by wrapping, so every rank runs the same
-number of batches, which DDP needs).
+number of batches, which DDP needs) in batches of `per_rank_batch` samples: batch k of the ranks
+together is batch k of the one-process run, and DDP's mean of their gradients is its gradient. So 1
+or n workers train with the same global batch, learning rate and data order.
 """
 
 from __future__ import annotations
@@ -98,8 +100,15 @@ def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) ->
     return order
 
 
+def per_rank_batch(batch_size: int, world: int) -> int:
+    """Each of `world` ranks' batch, so that their batches together are one `batch_size` batch of the
+    one-process run (rounded up when `world` does not divide it: the global batch grows by < world)."""
+    return max(1, -(-batch_size // world))
+
+
 class EpochData(Protocol):
-    """Where the loop's batches come from: in memory (`InMemory`) or streamed (a Ray Train worker's shard)."""
+    """Where the loop's batches come from: samples in memory (`InMemory`, this rank's stride of each epoch's
+    permutation) or L-FT's backbone features (`CachedFeatures`)."""
 
     def batches(self, epoch: int) -> Iterable[Batch]: ...
 
@@ -137,12 +146,18 @@ class InMemory:
 
 
 class CachedFeatures:
-    """l_ft's data: the frozen backbone's features of `data`, computed once when the first epoch asks
-    for its batches (so the route pays for them in its training time), then batches of them [B, F]."""
+    """l_ft's data: the frozen backbone's features [N, F] with the labels, batched like `InMemory`. Either
+    `given` (kept by the attribution pass, which runs the backbone over every training sample already),
+    or computed from `data` once, when the first epoch asks for its batches (so the route pays for them
+    in its training time)."""
 
-    def __init__(self, model: ProbedModel, data: InMemory, device: torch.device):
+    def __init__(self, model: ProbedModel | None, data: InMemory | None, device, features: InMemory | None = None):
         self.model, self.data, self.device = model, data, device
-        self.features: InMemory | None = None
+        self.features = features
+
+    @classmethod
+    def given(cls, features: InMemory) -> CachedFeatures:
+        return cls(None, None, None, features)
 
     def batches(self, epoch: int) -> Iterator[Batch]:
         if self.features is None:
@@ -151,18 +166,21 @@ class CachedFeatures:
             self.features = InMemory(x, d.y, d.ids, d.batch_size, d.seed, d.rank, d.world)
         return self.features.batches(epoch)
 
-    def held(self) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-        return self.data.held()  # the samples themselves, for eval passes through the whole model
+    def held(self) -> tuple[np.ndarray, torch.Tensor, torch.Tensor] | None:
+        # the samples themselves, for eval passes through the whole model (none when only features are held)
+        return self.data.held() if self.data is not None else None
 
 
 def prepare(
     model: ProbedModel, route: str, cfg: TrainConfig, data: EpochData, device: torch.device
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, EpochData]:
     """-> (the module to train, its optimizer, the data it trains on) for `route`. l_ft with its samples in
-    memory trains the head on backbone features computed once: the same arithmetic as a backbone pass
-    every epoch (the backbone is frozen and in eval mode), without it."""
+    memory trains the head on backbone features computed once (or given, `CachedFeatures`): the same
+    arithmetic as a backbone pass every epoch (the backbone is frozen and in eval mode), without it."""
     params = trainable_parameters(model, route)  # before any wrapping: freezes the l_ft backbone
     model.to(device)
+    if route == "l_ft" and isinstance(data, CachedFeatures):
+        return _Head(model), make_optimizer(params, cfg), data
     fits = isinstance(data, InMemory) and len(data.x) * model.fc.in_features * 4 <= FEATURE_CACHE_MAX_BYTES
     if route == "l_ft" and fits:
         return _Head(model), make_optimizer(params, cfg), CachedFeatures(model, data, device)

@@ -2,10 +2,11 @@
 (``worker_process_setup_hook`` in tests/conftest.py). Each wraps one raypipe function in the worker
 and does nothing unless the test wrote its order file into $RAYPIPE_TEST_FAULTS:
 
-- ``kill.json`` {"route": R, "epoch": E, "log": DIR}: the last-rank Ray Train worker of route R exits
-  abruptly (os._exit) after the first batch of epoch E (1-based), once: it leaves DIR/killed-R first,
-  so the restarted worker group trains through. Every worker of that route appends
-  "start <rank> <first epoch> <unix time>" and "epoch <rank> <epoch> <unix time>" lines to DIR/R.log.
+- ``kill.json`` {"route": R, "epoch": E, "log": DIR}: the last-rank Ray worker of route R (its Ray task,
+  or a Ray Train worker) exits abruptly (os._exit) after the first batch of epoch E (1-based), once: it
+  leaves DIR/killed-R first, so the task run again / the restarted worker group trains through. Every
+  worker of that route appends "start <rank> <first epoch> <unix time>" and "epoch <rank> <epoch> <unix
+  time>" lines to DIR/R.log.
 - ``crash.json`` {"crashes": {"<rule>:<lr>": N}, "dir": DIR}: the Tune trials of that rule and learning
   rate raise at their start the first N times (counted by marker files in DIR).
 """
@@ -24,39 +25,38 @@ def _order(name: str) -> dict | None:
 
 
 def install() -> None:
-    _wrap_worker_batches()
+    _wrap_worker_data()
     _wrap_trials()
 
 
-def _wrap_worker_batches() -> None:
+def _wrap_worker_data() -> None:
+    """Wraps what every Ray worker of a training route trains on (a Ray task or a Ray Train worker)."""
     from raypipe.distributed import train
 
-    batches = train.WorkerShard.batches
-    started: set[int] = set()
+    make = train.worker_data
 
-    def wrapped(self, epoch: int):
+    def wrapped(request, rank: int, world: int):
+        data, n_train = make(request, rank, world)
         order = _order("kill.json")
-        if order is None:
-            return batches(self, epoch)
-        import ray.train
+        if order is None or request.route != order["route"]:
+            return data, n_train
+        log, batches, started = Path(order["log"]), data.batches, []
 
-        context = ray.train.get_context()
-        route = context.get_experiment_name().rsplit("-", 1)[0]  # raypipe names each Ray Train run <route>-<ms>
-        if route != order["route"]:
-            return batches(self, epoch)
-        rank, world = context.get_world_rank(), context.get_world_size()
-        log = Path(order["log"])
-        with open(log / f"{route}.log", "a") as f:
-            if id(self) not in started:
-                started.add(id(self))
-                f.write(f"start {rank} {epoch + 1} {time.time():.3f}\n")
-            f.write(f"epoch {rank} {epoch + 1} {time.time():.3f}\n")
-        marker = log / f"killed-{route}"
-        if epoch + 1 != order["epoch"] or rank != world - 1 or marker.exists():
-            return batches(self, epoch)
-        return _die_after_first(batches(self, epoch), marker, rank, epoch + 1)
+        def logged(epoch: int):
+            with open(log / f"{request.route}.log", "a") as f:
+                if not started:
+                    started.append(epoch)
+                    f.write(f"start {rank} {epoch + 1} {time.time():.3f}\n")
+                f.write(f"epoch {rank} {epoch + 1} {time.time():.3f}\n")
+            marker = log / f"killed-{request.route}"
+            if epoch + 1 != order["epoch"] or rank != world - 1 or marker.exists():
+                return batches(epoch)
+            return _die_after_first(batches(epoch), marker, rank, epoch + 1)
 
-    train.WorkerShard.batches = wrapped
+        data.batches = logged
+        return data, n_train
+
+    train.worker_data = wrapped
 
 
 def _die_after_first(batches, marker: Path, rank: int, epoch: int):
