@@ -33,10 +33,18 @@ class LocalExecutor:
                 last = now
         return out
 
-    def attribute(self, model_uri: str, jobs: list[tuple[str, str]], rule: str, batch_size: int, device: str) -> int:
+    def attribute(
+        self,
+        model_uri: str,
+        jobs: list[tuple[str, str]],
+        rule: str,
+        batch_size: int,
+        device: str,
+        probe_models: dict[str, str] | None = None,
+    ) -> int:
         if not jobs:
             return 0
-        attributor = ShardAttributor(model_uri, rule, batch_size, device)
+        attributor = ShardAttributor(model_uri, rule, batch_size, device, probe_models)
         return sum(self.map(lambda job: attributor(*job), jobs, "attribution"))
 
     def train(self, request: TrainRequest) -> dict[str, Any]:

@@ -7,7 +7,7 @@ its ``_manifest.json``, plus the run's own files::
     <run>/report.json, report.md, plots/   the report and its pictures
     <run>/data/train/part-NNNNN.parquet    training shards (the unit of parallel, resumable work)
     <run>/data/val.parquet, test.parquet
-    <run>/initial/model.pt                 the model to repair (+ trajectory/ when raypipe trained it)
+    <run>/initial/model.pt                 the model to repair (+ trajectory/, early_model.pt when raypipe trained it)
     <run>/attribution/part-NNNNN.parquet   one row per training sample, aligned with the data shards
     <run>/partition/part-NNNNN.parquet     p_noisy, is_clean, suggested label, aligned likewise
     <run>/partition/signals/, label_issues.parquet, mixture.json
@@ -57,6 +57,11 @@ def model_file(stage_uri: str) -> str:
 def checkpoint_file(stage_uri: str) -> str:
     """The resumable training checkpoint of a training stage (model, optimizer, epoch, history, callbacks)."""
     return join(stage_uri, "checkpoint.pt")
+
+
+def early_model_file(stage_uri: str) -> str:
+    """The initial model as it was at an early epoch (detection.early_epoch), before it fit its wrong labels."""
+    return join(stage_uri, "early_model.pt")
 
 
 def trajectory_dir(stage_uri: str) -> str:

@@ -72,8 +72,8 @@ def schedulable_resources(nodes: list[dict[str, float]]) -> dict[str, float]:
 class _ShardActor:
     """Ray Data callable class: one model per actor; a batch = some (in_uri, out_uri) shard jobs."""
 
-    def __init__(self, model_uri: str, rule: str, batch_size: int, device: str):
-        self.attributor = ShardAttributor(model_uri, rule, batch_size, device)
+    def __init__(self, model_uri: str, rule: str, batch_size: int, device: str, probe_models: dict | None = None):
+        self.attributor = ShardAttributor(model_uri, rule, batch_size, device, probe_models)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [self.attributor(str(i), str(o)) for i, o in zip(batch["in_uri"], batch["out_uri"], strict=True)]
@@ -112,7 +112,15 @@ class RayExecutor:
                 last = now
         return ray.get(refs)
 
-    def attribute(self, model_uri: str, jobs: list[tuple[str, str]], rule: str, batch_size: int, device: str) -> int:
+    def attribute(
+        self,
+        model_uri: str,
+        jobs: list[tuple[str, str]],
+        rule: str,
+        batch_size: int,
+        device: str,
+        probe_models: dict[str, str] | None = None,
+    ) -> int:
         if not jobs:
             return 0
         plan = self.plan
@@ -121,7 +129,13 @@ class RayExecutor:
         jobs_ds = ray.data.from_items([{"in_uri": i, "out_uri": o} for i, o in jobs], override_num_blocks=len(jobs))
         out = jobs_ds.map_batches(
             _ShardActor,
-            fn_constructor_kwargs={"model_uri": model_uri, "rule": rule, "batch_size": batch_size, "device": device},
+            fn_constructor_kwargs={
+                "model_uri": model_uri,
+                "rule": rule,
+                "batch_size": batch_size,
+                "device": device,
+                "probe_models": probe_models,
+            },
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors),
             num_cpus=plan.cpus_per_actor,

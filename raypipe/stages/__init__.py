@@ -25,8 +25,17 @@ class Executor(Protocol):
         """[fn(item) for item in items], in order; fn is pure and idempotent (it may run anywhere, twice)."""
         ...
 
-    def attribute(self, model_uri: str, jobs: list[tuple[str, str]], rule: str, batch_size: int, device: str) -> int:
-        """Attribute every (data shard URI, output shard URI) job with the model at `model_uri` -> rows written."""
+    def attribute(
+        self,
+        model_uri: str,
+        jobs: list[tuple[str, str]],
+        rule: str,
+        batch_size: int,
+        device: str,
+        probe_models: dict[str, str] | None = None,
+    ) -> int:
+        """Attribute every (data shard URI, output shard URI) job with the model at `model_uri` -> rows written;
+        `probe_models` (name -> model URI) add their probe activations in the same pass (`ShardAttributor`)."""
         ...
 
     def train(self, request: TrainRequest) -> dict[str, Any]:
