@@ -224,7 +224,7 @@ class DetectionConfig:
     early_loss_epoch: int = 3
     # The initial model after this epoch (1-based) is kept (initial/early_model.pt) and its probe space is a
     # second kNN space (knn_early), not yet fit to the wrong labels. 0 = none.
-    early_epoch: int = 3
+    early_epoch: int = 5
 
     def validate(self) -> None:
         check_setting(self.k >= 1, "detection.k", "must be >= 1")
