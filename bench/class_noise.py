@@ -24,6 +24,7 @@ Initial and attribution pass is reused (their manifests match) and only the part
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -134,12 +135,25 @@ def one_seed(b: C.Bench, noise: str, seed: int, args, log, cleanlab: bool) -> di
     )
     out["given"] = run_result(given)
     if cleanlab:
-        print(f"== {noise} seed {seed}: cleanlab {args.folds}-fold", C.loadavg(), flush=True)
-        load_before, start = C.loadavg(), time.perf_counter()
-        out["cleanlab"] = cleanlab_detect(b.config(over), done.layout, args.folds, seed, log)
-        out["cleanlab"].update(loadavg_before=load_before, loadavg_after=C.loadavg())
-        out["cleanlab"]["wall_seconds"] = time.perf_counter() - start
+        out["cleanlab"] = cleanlab_once(b, noise, seed, over, done, args, log)
     return out
+
+
+def cleanlab_once(b: C.Bench, noise: str, seed: int, over: list[str], done: C.Finished, args, log) -> dict:
+    """cleanlab's K-fold detection, or its saved result for the same data and recipe (``cleanlab.json`` beside the
+    runs: a `--from partition` rerun does not pay the K trainings again; the file keeps its load averages)."""
+    saved = b.runs(noise, f"seed{seed}", "cleanlab.json")
+    key = {"overrides": over, "folds": args.folds}
+    if saved.exists() and not args.fresh_cleanlab:
+        cached = json.loads(saved.read_text())
+        if cached.get("key") == key:
+            return {**cached["result"], "reused_from": C.shown(saved)}
+    print(f"== {noise} seed {seed}: cleanlab {args.folds}-fold", C.loadavg(), flush=True)
+    load_before, start = C.loadavg(), time.perf_counter()
+    result = cleanlab_detect(b.config(over), done.layout, args.folds, seed, log)
+    result.update(loadavg_before=load_before, loadavg_after=C.loadavg(), wall_seconds=time.perf_counter() - start)
+    saved.write_text(json.dumps({"key": key, "result": result}, default=float))
+    return result
 
 
 def _seeded(done: C.Finished, given_dir: Path) -> Path:
@@ -259,6 +273,7 @@ def main() -> None:
     parser.add_argument("--cleanlab-seeds", default="0", help="seeds that also run cleanlab's K-fold (time)")
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--from", dest="from_stage", default=None, help="recompute from this stage (e.g. partition)")
+    parser.add_argument("--fresh-cleanlab", action="store_true", help="rerun cleanlab even when its result is saved")
     args = parser.parse_args()
     b = C.Bench.start("class_noise", args)
     if b.quick:
