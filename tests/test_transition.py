@@ -13,6 +13,7 @@ from raypipe.core.detection.transition import (
     estimate_transition,
     noise_structure,
     noisy_share_per_given_class,
+    plurality_cap,
     quota_flags,
     transition_error,
 )
@@ -146,3 +147,18 @@ def test_fine_alignment_finds_flips_in_planted_subspaces():
     assert a.dtype == np.float32 and np.all((a >= 0) & (a <= 1 + 1e-6))
     assert a[flip].max() < a[~flip].min()  # every flipped sample is less aligned than every clean one
     assert a[flip].mean() < 0.1 < 0.6 < a[~flip].mean()
+
+
+def test_quotas_are_capped_where_a_class_would_not_be_mostly_its_own():
+    # A one-way flip at 40% into a class of its own size: the plurality condition allows at most half of a given
+    # class to be wrong when its wrong labels come from one class, (C - 1) / C when they are spread evenly.
+    assert plurality_cap(1.0) == pytest.approx(0.5) and plurality_cap(1 / (C - 1)) == pytest.approx((C - 1) / C)
+    t = pairs(0.4, {a: (a + 1) % C for a in range(C)})
+    _, given, counts = neighbourhoods(t, np.full(C, 1 / C), n=3000, k=30, seed=5)
+    counts[given == 0] = 0
+    counts[given == 0, 5] = 30  # every given-0 sample sits among class-5 labels: the estimate calls class 0 all wrong
+    est = estimate_from_neighbours(given, counts, C)
+    cap = plurality_cap(est["structure"]["concentration"])
+    assert est["structure"]["class_dependent"] and 0.5 <= cap < est["noisy_share"][0]
+    assert est["quota"][0] == pytest.approx(cap)
+    np.testing.assert_allclose(est["quota"][1:], np.minimum(est["noisy_share"][1:], cap))

@@ -147,10 +147,10 @@ def gather_signals(cols: dict[str, np.ndarray], trajectory_uri: str | None) -> d
 
 
 def transition_estimate(cols: dict[str, np.ndarray], num_classes: int, det: DetectionConfig, seed: int):
-    """The noise transition estimate from the neighbour label consensus of the early probe space when there is one
-    (not yet fit to the wrong labels), else the final one; with the true T and its error when ground truth exists.
-    None when no neighbours were computed."""
-    space = next((name for name in ("knn_early", "knn") if f"{name}_counts" in cols), None)
+    """The noise transition estimate from the neighbour label consensus of the final probe space (measured closer to
+    the true T than the early one's, docs/detection.md), else the early one; with the true T and its error when
+    ground truth exists. None when no neighbours were computed."""
+    space = next((name for name in ("knn", "knn_early") if f"{name}_counts" in cols), None)
     if space is None:
         return None
     estimate = estimate_from_neighbours(cols["label"], cols[f"{space}_counts"], num_classes, det.min_concentration)

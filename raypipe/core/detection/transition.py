@@ -139,16 +139,31 @@ def estimate_from_neighbours(
     labels: np.ndarray, neighbour_counts: np.ndarray, num_classes: int, min_concentration: float = 0.5
 ) -> dict:
     """The noise transition estimate from each sample's given label and its k nearest neighbours' label counts
-    [N, C] -> JSON-able dict: estimate T [C][C], prior [C], quota [C] (`noisy_share_per_given_class`), structure
-    (`noise_structure`), fit (EM's iterations and log-likelihood)."""
+    [N, C] -> JSON-able dict: estimate T [C][C], prior [C], noisy_share [C] (`noisy_share_per_given_class`),
+    quota [C] (noisy_share capped by `plurality_cap`), structure (`noise_structure`), fit (EM's iterations and
+    log-likelihood)."""
     labels = np.asarray(labels, dtype=np.int64)
     counts = np.asarray(neighbour_counts, dtype=np.float64).copy()
     counts[np.arange(len(labels)), labels] += 1.0  # the sample's own label is one more draw of its class's row
     t, prior, _, fit = estimate_transition(counts, num_classes)
+    share = noisy_share_per_given_class(t, prior)
+    structure = noise_structure(t, prior, min_concentration)
     return {
         "estimate": t.tolist(),
         "prior": prior.tolist(),
-        "quota": noisy_share_per_given_class(t, prior).tolist(),
-        "structure": noise_structure(t, prior, min_concentration),
+        "noisy_share": share.tolist(),
+        "quota": np.minimum(share, plurality_cap(structure["concentration"])).tolist(),
+        "structure": structure,
         "fit": fit,
     }
+
+
+def plurality_cap(concentration: float) -> float:
+    """The largest share of wrong labels a given class can hold and still be mostly its own class (the usual
+    identifiability condition: P(true c | given c) >= P(true j | given c) for every j): with a share q wrong, of
+    which a fraction `concentration` comes from one other class, 1 - q >= concentration * q, so q <= 1 / (1 +
+    concentration): 0.5 when wrong labels come from one class (pairs), 0.9 for symmetric noise over 10 classes.
+    Where two classes overlap in the representation, the neighbourhood estimate merges them and hands one of them
+    nearly all the wrong labels (Fashion-MNIST pairs: 0.80-0.95 for a class whose true share is 0.40); the cap
+    keeps the quota within what the assumption allows."""
+    return 1.0 / (1.0 + max(float(concentration), 0.0))
