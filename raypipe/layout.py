@@ -8,7 +8,7 @@ its ``_manifest.json``, plus the run's own files::
     <run>/report.json, report.md, plots/   the report and its pictures
     <run>/data/train/part-NNNNN.parquet    training shards (the unit of parallel, resumable work)
     <run>/data/val.parquet, test.parquet
-    <run>/initial/model.pt                 the model to repair (+ trajectory/ when raypipe trained it)
+    <run>/initial/model.pt                 the model to repair (+ trajectory/, early_model.pt when raypipe trained it)
     <run>/attribution/part-NNNNN.parquet   one row per training sample, aligned with the data shards
     <run>/attribution/features/part-NNNNN.parquet   the backbone's features (the head's input), kept
                                            when L-FT will train the head on them
@@ -69,6 +69,11 @@ def checkpoint_file(stage_uri: str) -> str:
 def failure_file(stage_uri: str) -> str:
     """Why a training stage stopped on every worker at once (a diverged loss), for the driver to say."""
     return join(stage_uri, "_failed.json")
+
+
+def early_model_file(stage_uri: str) -> str:
+    """The initial model as it was at an early epoch (detection.early_epoch), before it fit its wrong labels."""
+    return join(stage_uri, "early_model.pt")
 
 
 def trajectory_dir(stage_uri: str) -> str:

@@ -82,6 +82,13 @@ def records_trajectory(cfg: Config) -> bool:
     return cfg.detection.aum_epochs > 0 and cfg.model.checkpoint is None
 
 
+def early_model_epoch(cfg: Config) -> int:
+    """The epoch whose initial model is kept as ``early_model.pt`` (its probe space is a detection signal's):
+    detection.early_epoch when raypipe trains the initial model for more epochs than that, else 0 (none)."""
+    trains = cfg.model.checkpoint is None and cfg.detection.early_epoch < cfg.initial.epochs
+    return cfg.detection.early_epoch if trains else 0
+
+
 def train_request(r: Run, route: str, out_uri: str) -> TrainRequest:
     cfg, lay = r.config, r.layout
     repair = route in ("l_ft", "f_ft")
@@ -98,6 +105,7 @@ def train_request(r: Run, route: str, out_uri: str) -> TrainRequest:
         device=cfg.run.device,
         trajectory_epochs=cfg.detection.aum_epochs if trajectory else 0,
         early_loss_epoch=cfg.detection.early_loss_epoch,
+        early_model_epoch=early_model_epoch(cfg) if route == "initial" else 0,
         val_uri=r.validate_on if route != "initial" else None,
         attribution_uri=lay.stage("attribution") if route == "l_ft" else None,
     )
@@ -118,6 +126,7 @@ def _initial(r: Run, uri: str) -> dict[str, Any]:
 def _initial_settings(cfg: Config) -> dict[str, Any]:
     return {
         "trajectory": [cfg.detection.aum_epochs, cfg.detection.early_loss_epoch] if records_trajectory(cfg) else None,
+        "early_model_epoch": early_model_epoch(cfg),
         "model": _asdict(cfg.model),
         "seed": cfg.run.seed,
         "train": _asdict(cfg.initial) if cfg.model.checkpoint is None else None,
@@ -126,17 +135,44 @@ def _initial_settings(cfg: Config) -> dict[str, Any]:
 
 
 def _attribution(r: Run, uri: str) -> dict[str, Any]:
-    """Only the shards without a finished output are computed (an interrupted run resumes)."""
+    """Only the shards without a finished output are computed (an interrupted run resumes). The early initial
+    model, when the training kept one, adds its probe activations (`probe_early`) in the same pass."""
     cfg, data = r.config, r.summary("data")
     rule = cfg.attribution.rule
+    early = layout.early_model_file(r.layout.stage("initial"))
+    probe_models = {"early": early} if early_model_epoch(cfg) and storage.exists(early) else {}
     jobs = attribution.pending_shards(data_stage.train_shards(r.layout.stage("data")), uri)
     r.log(f"[attribution] rule {rule}: {len(jobs)} of {data['n_shards']} shards to compute")
     keep_features = "l_ft" in cfg.run.routes  # L-FT trains the head on them (raypipe.stages.attribution)
     spec = attribution.AttributionPass(
-        r.layout.model("initial"), rule, cfg.attribution.batch_size, cfg.run.device, keep_features
+        r.layout.model("initial"),
+        rule,
+        cfg.attribution.batch_size,
+        cfg.run.device,
+        keep_features,
+        tuple(probe_models.items()),
     )
     rows = r.executor.attribute(spec, jobs)
-    return {"rule": rule, "rows": data["rows"]["train"], "rows_computed": rows}
+    probe_columns = ["probe", *(f"probe_{name}" for name in probe_models)]
+    return {"rule": rule, "rows": data["rows"]["train"], "rows_computed": rows, "probe_columns": probe_columns}
+
+
+def missing_signals(cfg: Config) -> dict[str, str]:
+    """The detection signals this run cannot have, and why (the report says so)."""
+    missing = {}
+    if cfg.model.checkpoint is not None:
+        why = "model.checkpoint is given: raypipe did not train it, so it has no"
+        missing["trajectory"] = f"{why} training trajectory (aum, early_loss, wrong_events)"
+        missing["knn_early"] = f"{why} early checkpoint"
+    else:
+        if cfg.detection.aum_epochs == 0:
+            missing["trajectory"] = "detection.aum_epochs=0: no training trajectory recorded"
+        if not early_model_epoch(cfg):
+            missing["knn_early"] = (
+                f"no early checkpoint (detection.early_epoch={cfg.detection.early_epoch}, "
+                f"initial.epochs={cfg.initial.epochs})"
+            )
+    return missing
 
 
 def _partition(r: Run, uri: str) -> dict[str, Any]:
@@ -152,6 +188,8 @@ def _partition(r: Run, uri: str) -> dict[str, Any]:
         layout.trajectory_dir(r.layout.stage("initial")),
         r.executor,
         r.log,
+        tuple(r.summary("attribution").get("probe_columns", ["probe"])),
+        missing_signals(cfg),
     )
 
 
@@ -182,7 +220,12 @@ def _route(route: str) -> Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("data", (), _data_settings, _data),
     Stage("initial", ("data",), _initial_settings, _initial),
-    Stage("attribution", ("data", "initial"), lambda cfg: {"rule": cfg.attribution.rule}, _attribution),
+    Stage(
+        "attribution",
+        ("data", "initial"),
+        lambda cfg: {"rule": cfg.attribution.rule, "early_model_epoch": early_model_epoch(cfg)},
+        _attribution,
+    ),
     Stage(
         "partition",
         ("attribution",),

@@ -110,6 +110,26 @@ def test_detection_vs_cleanlab_quick(tmp_path):
     assert "cleanlab 3-fold" in md
 
 
+def test_class_noise_quick(tmp_path):
+    pytest.importorskip("cleanlab")
+    data, md = run_quick("class_noise", tmp_path)
+    assert set(data) == {"meta", "results"}
+    (seed,) = data["results"]["pairs40"].values()
+    for row in (seed["auto"], seed["given"], seed["cleanlab"], *seed["signals"].values()):
+        assert all(accuracy(row[k]) for k in ("precision", "recall", "f1", "auroc")), row
+    # The Initial trained here has every signal; the same model given as a checkpoint has no trajectory and no
+    # early checkpoint, and says so.
+    assert {"knn", "knn_early", "fine", "aum", "early_loss", "wrong_events"} <= set(seed["signals"])
+    assert seed["auto"]["signals_used"]["missing"] == {}
+    assert set(seed["given"]["signals_used"]["missing"]) == {"trajectory", "knn_early"}
+    assert seed["auto"]["transition_space"] == seed["given"]["transition_space"] == "knn"
+    assert finite(seed["auto"]["transition_error"], 0, 1) and finite(seed["given"]["transition_error"], 0, 1)
+    for decision in ("mixture", "quota", "threshold"):
+        assert accuracy(seed["auto_by_decision"][decision]["f1"]), decision
+    assert finite(seed["auto"]["seconds_detection"], 0) and finite(seed["cleanlab"]["seconds_total"], 0)
+    assert "## pairs40" in md and "auto, given model" in md
+
+
 def test_attribution_cost_quick(tmp_path):
     data, md = run_quick("attribution_cost", tmp_path, runs=False)
     assert set(data) == {"meta", "runs"}

@@ -74,9 +74,11 @@ def test_blockwise_equals_single_block(metric, features, class_balanced):
     h, y, _, _, _ = converged_probe(n=200, c=5, d=16, seed=1)
     ids = np.arange(1000, 1200)
     index = KnnIndex.build(h, y, 5, ref_ids=ids, metric=metric, features=features)
-    whole = index.votes(h, y, 7, query_ids=ids, class_balanced=class_balanced, block_size=200)
+    whole = index.votes(h, y, 7, query_ids=ids, class_balanced=class_balanced, block_size=200, counts=True)
+    assert index.votes(h, y, 7, query_ids=ids).counts is None  # only when asked for
     for block_size in (1, 13, 64, None):
-        part = index.votes(h, y, 7, query_ids=ids, class_balanced=class_balanced, block_size=block_size)
+        part = index.votes(h, y, 7, query_ids=ids, class_balanced=class_balanced, block_size=block_size, counts=True)
+        np.testing.assert_array_equal(part.counts, whole.counts)
         np.testing.assert_array_equal(part.agreement, whole.agreement)
         np.testing.assert_array_equal(part.suggested_label, whole.suggested_label)
         np.testing.assert_array_equal(part.suggested_share, whole.suggested_share)
@@ -93,9 +95,11 @@ def test_matches_brute_force_with_query_block_of_shuffled_ids(metric, features, 
     rid = rng.permutation(n) * 7 + 3  # ids unrelated to positions
     q = np.arange(10, 35)  # a query block: a slice of the reference set, ids looked up, not positions
     index = KnnIndex.build(x, y, c, ref_ids=rid, metric=metric, features=features)
-    got = index.votes(x[q], y[q], k, query_ids=rid[q], class_balanced=class_balanced, block_size=4)
+    got = index.votes(x[q], y[q], k, query_ids=rid[q], class_balanced=class_balanced, block_size=4, counts=True)
     want_agree, want_shares = brute_force_votes(x[q], y[q], rid[q], x, y, rid, k, c, metric, features, class_balanced)
     np.testing.assert_allclose(got.agreement, want_agree, rtol=1e-6, atol=1e-7)
+    _, plain_shares = brute_force_votes(x[q], y[q], rid[q], x, y, rid, k, c, metric, features, False)
+    np.testing.assert_array_equal(got.counts, np.rint(plain_shares * k))  # unweighted neighbour label counts
     best = want_shares.max(axis=1)
     # Suggested label: the argmax, a tie kept on the given label.
     for i, s in enumerate(got.suggested_label):
@@ -330,13 +334,18 @@ def test_recorder_matches_recomputation_from_checkpoints():
     np.testing.assert_allclose(rec.aum(), want_aum, rtol=1e-5, atol=1e-6)
     want_loss1 = F.cross_entropy(torch.tensor(saved[1]), y, reduction="none").numpy()
     np.testing.assert_allclose(rec.early_loss(1), want_loss1, rtol=1e-5, atol=1e-6)
+    want_wrong = (saved.argmax(axis=2) != y.numpy()).mean(axis=0)  # share of epochs predicted wrong, by hand
+    assert 0 < want_wrong.mean() < 1
+    np.testing.assert_array_equal(rec.wrong_event_share(), want_wrong)
     merged = halves[0].merge(halves[1])
     np.testing.assert_allclose(merged.aum(), want_aum, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(merged.wrong_event_share(), want_wrong)
     np.testing.assert_allclose(merged.early_loss(3), rec.early_loss(3))
     assert not np.allclose(want_aum, margins_and_losses(saved[-1], y.numpy())[0])  # AUM is not the last margin
     restored = TrajectoryRecorder(sample_ids=ids)
     restored.load_state_dict(rec.state_dict())
     np.testing.assert_array_equal(restored.aum(), rec.aum())
+    np.testing.assert_array_equal(restored.wrong_count, rec.wrong_count)
     with pytest.raises(KeyError):
         rec.early_loss(7)
     with pytest.raises(KeyError):
@@ -357,6 +366,8 @@ def test_recorder_state_survives_a_weights_only_checkpoint():
     restored = TrajectoryRecorder(sample_ids=ids, keep_loss_epochs=[0, 2])
     restored.load_state_dict(state)
     np.testing.assert_array_equal(restored.aum(), rec.aum())
+    np.testing.assert_array_equal(restored.wrong_event_share(), rec.wrong_event_share())
+    assert restored.wrong_count.dtype == np.int64 and rec.wrong_count.sum() > 0
     for epoch in (0, 2):
         np.testing.assert_array_equal(restored.early_loss(epoch), rec.early_loss(epoch))
     assert sorted(restored.losses) == [0, 2] and restored.count.dtype == np.int64
@@ -370,8 +381,11 @@ def test_recorder_keeps_only_requested_loss_epochs_and_marks_unseen():
     rec = TrajectoryRecorder(num_samples=4, keep_loss_epochs=[0])
     rec.update([0, 1], np.array([[1.0, 0.0], [0.0, 1.0]]), [0, 0], epoch=0)
     rec.update([0, 1], np.array([[3.0, 0.0], [0.0, 1.0]]), [0, 0], epoch=1)
-    np.testing.assert_allclose(rec.aum()[:2], [2.0, -1.0])
+    rec.update([1], np.array([[2.0, 2.0]]), [0], epoch=2)  # a tie is a wrong event (the label does not win)
+    np.testing.assert_allclose(rec.aum()[:2], [2.0, -2.0 / 3])
+    np.testing.assert_allclose(rec.wrong_event_share()[:2], [0.0, 1.0])
     assert np.isnan(rec.aum()[2:]).all() and np.isnan(rec.early_loss(0)[2:]).all()
+    assert np.isnan(rec.wrong_event_share()[2:]).all()
     assert sorted(rec.losses) == [0]
 
 

@@ -22,6 +22,7 @@ from raypipe.stages import data as prepare
 from raypipe.stages import prune
 from raypipe.stages.partition import read_partition
 from raypipe.tables import columns_from_table
+from raypipe.training.checkpoint import load_model
 
 pytestmark = [pytest.mark.ray]
 
@@ -46,7 +47,7 @@ def _read_attribution(uri: str) -> dict[str, np.ndarray]:
 def base_run(tmp_path_factory):
     """Data + a quickly trained initial model, in-process (the reference for the Ray stages)."""
     out = str(tmp_path_factory.mktemp("base"))
-    config = load_config(None, ["data.shard_rows=300", "initial.epochs=5", "run.routes=[]"])
+    config = load_config(None, ["data.shard_rows=300", "initial.epochs=5", "detection.early_epoch=2", "run.routes=[]"])
     Run(config, RunLayout(out), LocalExecutor(log=lambda *_: None), log=lambda *_: None).run(["data", "initial"])
     return out
 
@@ -55,7 +56,9 @@ def base_run(tmp_path_factory):
 def test_ray_attribution_equals_in_process(base_run, ray_executor, tmp_path, rule):
     shards = prepare.train_shards(RunLayout(base_run).stage("data"))
     assert len(shards) >= 3  # several shards, so several tasks
-    spec = attribute.AttributionPass(RunLayout(base_run).model("initial"), rule, 64)
+    initial = RunLayout(base_run)
+    early = (("early", layout.early_model_file(initial.stage("initial"))),)  # the epoch-2 model
+    spec = attribute.AttributionPass(initial.model("initial"), rule, 64, probe_models=early)
     local_out, ray_out = str(tmp_path / "local"), str(tmp_path / "ray")
     LocalExecutor(log=lambda *_: None).attribute(spec, attribute.pending_shards(shards, local_out))
     rows = ray_executor.attribute(spec, attribute.pending_shards(shards, ray_out))
@@ -67,8 +70,16 @@ def test_ray_attribution_equals_in_process(base_run, ray_executor, tmp_path, rul
     assert len(np.unique(remote["sample_id"])) == len(remote["sample_id"]) == n_train
     order_l, order_r = np.argsort(local["sample_id"]), np.argsort(remote["sample_id"])
     assert np.array_equal(local["sample_id"][order_l], remote["sample_id"][order_r])
-    for key in ("attribution", "probe", "loss", "pred_label"):
+    for key in ("attribution", "probe", "probe_early", "loss", "pred_label"):
         np.testing.assert_allclose(remote[key][order_r], local[key][order_l], rtol=1e-5, atol=1e-6)
+    # The second model's probe space is its own: the early model's activations, computed in the same pass.
+    train = prepare.read_split(RunLayout(base_run).stage("data"), "train")
+    model, _, _ = load_model(dict(early)["early"])
+    want = attribute.probe_activations(model.eval(), train.x, "cpu")
+    order = np.argsort(train.sample_id)
+    pos = order[np.searchsorted(train.sample_id, remote["sample_id"], sorter=order)]
+    np.testing.assert_allclose(remote["probe_early"], want[pos], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(remote["probe_early"], remote["probe"], atol=1e-3)
     # A rerun finds nothing pending: finished shards are never recomputed.
     assert attribute.pending_shards(shards, ray_out) == []
 

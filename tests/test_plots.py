@@ -23,7 +23,7 @@ QUICK = [
     "run.device=cpu",
     "data.max_train_samples=600",
 ]
-ALL_PLOTS = ["plots/p_noisy.png", "plots/mixture.png", "plots/routes.png"]
+ALL_PLOTS = ["plots/p_noisy.png", "plots/mixture.png", "plots/routes.png", "plots/transition_matrix.png"]
 
 
 def quick_run(out: Path, *overrides: str) -> dict:
@@ -71,7 +71,7 @@ def test_multi_dim_attribution_skips_mixture(loss_run: Path, tmp_path: Path):
     assert report["attribution"]["rule"] == "grad_x_act_label"
     mixture = json.loads((out / "partition" / "mixture.json").read_text())
     assert mixture["pca"] or len(mixture["means"][0]) > 1
-    assert report["plots"] == ["plots/p_noisy.png", "plots/routes.png"]
+    assert report["plots"] == ["plots/p_noisy.png", "plots/routes.png", "plots/transition_matrix.png"]
     assert json.loads((out / "report.json").read_text())["plots"] == report["plots"]
     markdown = (out / "report.md").read_text()
     for name in report["plots"]:
@@ -88,7 +88,7 @@ def test_a_failing_plot_is_logged_and_skipped(loss_run: Path, tmp_path: Path):
     report = json.loads((run / "report.json").read_text())
     messages: list[str] = []
     names = write_plots(RunLayout(str(run)), report, log=messages.append)
-    assert names == ["plots/p_noisy.png", "plots/routes.png"]
+    assert names == ["plots/p_noisy.png", "plots/routes.png", "plots/transition_matrix.png"]
     assert len(messages) == 1 and "plots/mixture.png" in messages[0] and "\n" not in messages[0]
     assert not (run / "plots" / "mixture.png").exists()  # the stale copy from the original run is gone
 
@@ -102,7 +102,8 @@ def test_without_ground_truth_and_subset_of_routes(loss_run: Path, tmp_path: Pat
             table = pq.read_table(shard)
             pq.write_table(table.drop_columns(["is_corrupted", "true_label"]), shard)
     report = json.loads((run / "report.json").read_text())
-    report.pop("detection")
+    transition = report.pop("detection")["transition_matrix"]
+    report["detection"] = {"transition_matrix": {k: v for k, v in transition.items() if k not in ("true", "error")}}
     report["routes"] = {k: v for k, v in report["routes"].items() if k in ("initial", "f_ft")}
     shutil.rmtree(run / "plots")
     messages: list[str] = []
@@ -110,6 +111,10 @@ def test_without_ground_truth_and_subset_of_routes(loss_run: Path, tmp_path: Pat
     assert messages == []
     for name in ALL_PLOTS:
         assert_png(run / name)
+    # No transition estimate (no kNN ran): no heatmap, and no stale one left behind.
+    report["detection"] = {}
+    assert write_plots(RunLayout(str(run)), report) == ALL_PLOTS[:3]
+    assert not (run / "plots" / "transition_matrix.png").exists()
 
 
 def test_no_pyplot_figures_left_open(loss_run: Path, tmp_path: Path):

@@ -34,10 +34,18 @@ def data_uri(tmp_path_factory):
     return out, config
 
 
-def _train(data_uri, config, out, epochs, trajectory_epochs):
+def _train(data_uri, config, out, epochs, trajectory_epochs, early_model_epoch=0):
     cfg = load_config(None, [f"initial.epochs={epochs}"]).initial
     request = TrainRequest(
-        "initial", cfg, data_uri, out, config.model, 0, trajectory_epochs=trajectory_epochs, early_loss_epoch=1
+        "initial",
+        cfg,
+        data_uri,
+        out,
+        config.model,
+        0,
+        trajectory_epochs=trajectory_epochs,
+        early_loss_epoch=1,
+        early_model_epoch=early_model_epoch,
     )
     train_local(request, **QUIET)
     model, _, _ = load_model(layout.model_file(out))
@@ -45,23 +53,34 @@ def _train(data_uri, config, out, epochs, trajectory_epochs):
 
 
 def test_recorded_trajectory_equals_recomputation_from_checkpoints(data_uri, tmp_path):
-    """AUM recorded during 2 epochs = mean of the margins of the epoch-1 and epoch-2 models, recomputed from
-    their checkpoints (training is seeded, so the 1-epoch run is the 2-epoch run's first epoch)."""
+    """AUM and wrong events recorded during 2 epochs = the mean margin and the count of wrong predictions of the
+    epoch-1 and epoch-2 models, recomputed from their checkpoints (training is seeded, so the 1-epoch run is the
+    2-epoch run's first epoch); the early model kept after epoch 1 is that epoch-1 model."""
     uri, config = data_uri
     train = prepare.read_split(uri, "train")
     model_1 = _train(uri, config, str(tmp_path / "e1"), epochs=1, trajectory_epochs=0)
-    model_2 = _train(uri, config, str(tmp_path / "e2"), epochs=2, trajectory_epochs=2)
-    margins, losses = [], []
+    model_2 = _train(uri, config, str(tmp_path / "e2"), epochs=2, trajectory_epochs=2, early_model_epoch=1)
+    margins, losses, wrong = [], [], []
     for model in (model_1, model_2):
-        m, loss = margins_and_losses(predict_logits(model, train.x, 512, "cpu"), train.label)
+        logits = predict_logits(model, train.x, 512, "cpu")
+        m, loss = margins_and_losses(logits, train.label)
         margins.append(m)
         losses.append(loss)
+        wrong.append(logits.argmax(axis=1) != train.label)
     recorded = columns_from_table(storage.read_table(layout.trajectory_file(str(tmp_path / "e2"))))
     assert np.array_equal(recorded["sample_id"], train.sample_id)
     np.testing.assert_allclose(recorded["aum"], (margins[0] + margins[1]) / 2, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(recorded["early_loss"], losses[0], rtol=1e-5, atol=1e-5)
-    # Not recorded when not asked for.
+    np.testing.assert_array_equal(recorded["wrong_events"], wrong[0].astype(int) + wrong[1])
+    np.testing.assert_array_equal(recorded["epochs_recorded"], np.full(len(train), 2))
+    assert 0 < recorded["wrong_events"].mean() < 2
+    early, _, extra = load_model(layout.early_model_file(str(tmp_path / "e2")))
+    assert extra["epoch"] == 1
+    for name, value in early.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), model_1.state_dict()[name].numpy(), err_msg=name)
+    # Not recorded, nor kept, when not asked for.
     assert not storage.exists(layout.trajectory_dir(str(tmp_path / "e1")))
+    assert not storage.exists(layout.early_model_file(str(tmp_path / "e1")))
 
 
 def test_l_ft_trains_on_the_features_the_attribution_kept(tmp_path):
@@ -107,7 +126,7 @@ def memorized_run(tmp_path_factory):
     return out, overrides
 
 
-@pytest.mark.parametrize("signal", ["attribution", "knn", "trajectory", "auto"])
+@pytest.mark.parametrize("signal", ["attribution", "knn", "fine", "trajectory", "auto"])
 def test_partition_signals_on_a_memorized_model(memorized_run, tmp_path, signal):
     """The label-blind attribution is near chance on a memorized model; neighbour agreement and the
     training trajectory still find the noise. Only the partition reruns per signal."""
@@ -130,3 +149,27 @@ def test_partition_signals_on_a_memorized_model(memorized_run, tmp_path, signal)
     assert len(issues["sample_id"]) == report["partition"]["n_noisy"]
     assert np.all(np.diff(issues["p_noisy"]) <= 0)  # most suspect first
     assert set(issues["flagged_by"]) <= {signal}
+
+
+def test_a_given_model_uses_what_exists_and_the_report_says_so(memorized_run, tmp_path):
+    """model.checkpoint: no trajectory, no early checkpoint; auto decides from kNN, FINE and the rest, the noise
+    transition estimate is made in the final probe space, and report.md names what was missing and why."""
+    base, overrides = memorized_run
+    given = layout.model_file(str(base) + "/initial")
+    out = tmp_path / "given"
+    report = raypipe.run(load_config(None, [*overrides, f"model.checkpoint={given}"]), str(out), **QUIET)
+    used = report["detection"]["signals_used"]
+    assert set(used["missing"]) == {"trajectory", "knn_early"}
+    assert "model.checkpoint is given" in used["missing"]["trajectory"]
+    available = set(report["detection"]["auroc_by_signal"])
+    assert {"knn", "fine", "loss", "attribution"} <= available
+    assert not available & {"aum", "early_loss", "wrong_events", "knn_early"}
+    assert set(used["chosen"]) <= available
+    transition = report["detection"]["transition_matrix"]
+    assert transition["space"] == "knn" and 0 <= transition["error"] < 0.05  # symmetric 40%: T is near its truth
+    assert not transition["structure"]["class_dependent"] and used["decision_taken"] == "mixture"
+    assert report["detection"]["f1"] > 0.8
+    markdown = (out / "report.md").read_text()
+    assert "no `trajectory` signal: model.checkpoint is given" in markdown
+    assert f"Decision: `{used['decision_taken']}`" in markdown
+    assert "plots/transition_matrix.png" in report["plots"] and (out / "plots" / "transition_matrix.png").is_file()

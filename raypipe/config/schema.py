@@ -201,22 +201,23 @@ class PartitionConfig:
 
 @dataclass(frozen=True)
 class DetectionConfig:
-    """Which per-sample signal decides the partition (docs/detection.md: once a model has memorized its noisy
-    labels, the paper's attribution is at chance and the loss nearly so; neighbour label agreement in
-    the probe space and the training trajectory still see the noise).
+    """Which per-sample signal decides the partition, and how (docs/detection.md: once a model has memorized its
+    noisy labels, the paper's attribution is at chance and the loss nearly so; neighbour label agreement in a
+    probe space, per-class alignment and the training trajectory still see the noise).
 
     signal:
     - attribution: the 2-component mixture on the attribution vectors (attribution.rule), as in RLAP;
-    - knn: 1 - agreement of the k nearest neighbours' given labels in the probe space;
+    - knn: 1 - agreement of the k nearest neighbours' given labels in the final model's probe space;
+    - fine: 1 - alignment with the given class's principal direction in the final probe space (FINE);
     - trajectory: -AUM (area under the margin) over the first aum_epochs of the initial training,
       only when raypipe trained the initial model;
-    - auto: every available signal (attribution p_noisy, loss, knn, trajectory) combined without
-      ground truth by raypipe.core.detection.combine_signals (consensus of signals, else the best separated).
+    - auto: every available signal (attribution p_noisy, loss, knn, knn_early, fine, the trajectory's aum,
+      early_loss and wrong_events) combined without ground truth by raypipe.core.detection.combine_signals.
     Every signal but `attribution` is turned into p_noisy by a per-class decision (`decision`), so
     noise that moves one class into a partner class is judged against that class's own baseline.
     """
 
-    signal: Literal["attribution", "knn", "trajectory", "auto"] = "auto"
+    signal: Literal["attribution", "knn", "fine", "trajectory", "auto"] = "auto"
     k: int = 30
     class_balanced: bool = True
     # The kNN reference set is a uniform sample of at most this many rows (exact when N is smaller).
@@ -224,19 +225,29 @@ class DetectionConfig:
     # capped like the mixture's fit sample; raise it for more neighbours per class on big data.
     max_reference: int = 20_000
     # mixture: per-class 2-component mixtures (global fallback); threshold: confident learning's
-    # per-class mean threshold; global: one mixture over all samples.
-    decision: Literal["mixture", "threshold", "global"] = "mixture"
-    # Trajectory recording during initial training: margins of the first aum_epochs epochs (an eval
-    # pass over the training set at the end of each), and the loss at the end of epoch
+    # per-class mean threshold; quota: within each given class, flag its estimated share of wrong labels
+    # (from the noise transition estimate) by score; auto: quota when the transition estimate says the
+    # noise is class-dependent, else mixture; global: one mixture over all samples.
+    decision: Literal["auto", "quota", "mixture", "threshold", "global"] = "auto"
+    # auto picks quota when at least this share of the estimated wrong-label mass of a class goes to one other
+    # class (1 / (C - 1) for symmetric noise, 1 for class pairs): raypipe.core.detection.transition.noise_structure.
+    min_concentration: float = 0.5
+    # Trajectory recording during initial training: margins and wrong events of the first aum_epochs epochs (an
+    # eval pass over the training set at the end of each), and the loss at the end of epoch
     # early_loss_epoch (1-based; the loss at epoch 3 had AUROC 0.97 at symmetric 40%: docs/departures.md).
     aum_epochs: int = 10
     early_loss_epoch: int = 3
+    # The initial model after this epoch (1-based) is kept (initial/early_model.pt) and its probe space is a
+    # second kNN space (knn_early), not yet fit to the wrong labels. 0 = none.
+    early_epoch: int = 5
 
     def validate(self) -> None:
         check_setting(self.k >= 1, "detection.k", "must be >= 1")
         check_setting(self.max_reference >= 10, "detection.max_reference", "must be >= 10")
         check_setting(self.aum_epochs >= 0, "detection.aum_epochs", "must be >= 0 (0 = do not record)")
         check_setting(self.early_loss_epoch >= 1, "detection.early_loss_epoch", "must be >= 1 (1-based epoch)")
+        check_setting(self.early_epoch >= 0, "detection.early_epoch", "must be >= 0 (1-based epoch; 0 = none)")
+        check_setting(0.0 < self.min_concentration <= 1.0, "detection.min_concentration", "must be in (0, 1], e.g. 0.5")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@
   attribution values with the two fitted Gaussian components mapped back to raw units; skipped
   when the mixture was fitted on a multi-dimensional (or PCA-reduced) attribution;
 - ``plots/routes.png``: test accuracy and whole wall time per route;
+- ``plots/transition_matrix.png``: the estimated noise transition matrix as a heatmap, beside the
+  true one when the experiment has ground truth (skipped when no estimate was made);
 - a sweep's ``plots/objective.png``: each trial's objective against tau, prune fraction and learning rate.
 
 Every plot is rendered with a bare ``matplotlib.figure.Figure`` (no pyplot: no global figure
@@ -40,7 +42,13 @@ ROUTE_COLORS = {"initial": "tab:gray", "l_ft": "tab:blue", "f_ft": "tab:green", 
 def write_plots(run: RunLayout, report: dict[str, Any], log: Callable[[str], Any] = print) -> list[str]:
     """Write every plot that applies under the run's plots folder; return their paths relative to the run."""
     written: list[str] = []
-    for name, make in (("p_noisy", _p_noisy_figure), ("mixture", _mixture_figure), ("routes", _routes_figure)):
+    makers = (
+        ("p_noisy", _p_noisy_figure),
+        ("mixture", _mixture_figure),
+        ("routes", _routes_figure),
+        ("transition_matrix", _transition_figure),
+    )
+    for name, make in makers:
         uri = run.plot(name)
         shown = uri[len(run.root) :].lstrip("/")  # plots/<name>.png
         try:
@@ -238,6 +246,37 @@ def _mixture_figure(run: RunLayout, report: dict[str, Any]):
 def _normal_pdf(x: np.ndarray, mean: float, sd: float) -> np.ndarray:
     sd = max(sd, 1e-12)
     return np.exp(-0.5 * ((x - mean) / sd) ** 2) / (sd * np.sqrt(2 * np.pi))
+
+
+# ---------------------------------------------------------------------------------------------
+# the noise transition matrix
+
+
+def _transition_figure(run: RunLayout, report: dict[str, Any]):
+    """T-hat (and the true T beside it when known) as heatmaps: rows the true class, columns the given label."""
+    transition = report.get("detection", {}).get("transition_matrix")
+    if not transition:
+        return None
+    panels = [("estimated", np.asarray(transition["estimate"]))]
+    if "true" in transition:
+        panels.append(("true (ground truth)", np.asarray(transition["true"])))
+    c = len(panels[0][1])
+    fig = _new_figure(1.0 + 4.6 * len(panels), 4.6)
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, (name, t) in zip(axes, panels, strict=True):
+        image = ax.imshow(t, vmin=0.0, vmax=1.0, cmap="viridis")
+        if c <= 12:  # the value of every cell, readable
+            for i in range(c):
+                for j in range(c):
+                    ax.text(j, i, f"{t[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="black" if t[i, j] > 0.5 else "white")  # fmt: skip
+        ax.set_xlabel("given label")
+        ax.set_ylabel("true class")
+        ax.set_title(name)
+    fig.colorbar(image, ax=list(axes), shrink=0.8, label="P(given label | true class)")
+    error = f", mean |T-hat - T| {transition['error']:.4f}" if "error" in transition else ""
+    fig.suptitle(f"Noise transition matrix (from kNN label consensus in `{transition['space']}`){error}")
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------

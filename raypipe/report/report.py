@@ -71,7 +71,11 @@ def build_report(config: Config, manifests: dict[str, dict[str, Any]]) -> dict[s
         "routes_overlapped": overlapping_routes(manifests),
         "config": config.to_dict(),
     }
-    report["detection"] = {**part.get("detection", {}), "signals_used": part.get("signals_used", {})}
+    report["detection"] = {
+        **part.get("detection", {}),
+        "signals_used": part.get("signals_used", {}),
+        "transition_matrix": part.get("transition_matrix"),
+    }
     report["warnings"] = chance_warnings(routes, report["data"])
     return report
 
@@ -140,10 +144,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"pruned {report['pruning']['n_pruned']} of {report['pruning']['probe_width']} probe neurons.",
         "",
     ]
-    used = report["detection"].get("signals_used", {})
-    if used:
-        chosen = ", ".join(used.get("chosen", [])) or "the attribution mixture"
-        lines += [f"Detection signal: `{used.get('signal')}` (used: {chosen}; decision: {used.get('decision')}).", ""]
+    lines += _detection_md(report["detection"])
     if "auroc" in report["detection"]:
         det = report["detection"]
         lines += [
@@ -159,6 +160,36 @@ def render_markdown(report: dict[str, Any]) -> str:
     for plot in report.get("plots", []):
         lines += ["", f"![{plot}]({plot})"]
     return "\n".join(lines) + "\n"
+
+
+def _detection_md(det: dict[str, Any]) -> list[str]:
+    """Which signals decided, which were missing and why, which decision `auto` took and why, the noise estimate."""
+    used = det.get("signals_used", {})
+    if not used:
+        return []
+    chosen = ", ".join(used.get("chosen", [])) or "the attribution mixture"
+    lines = [f"Detection signal: `{used.get('signal')}` (used: {chosen}; {used.get('why', '')}).", ""]
+    if "decision_taken" in used:
+        lines += [
+            f"Decision: `{used['decision_taken']}` (detection.decision={used['decision']}): {used['decision_why']}.",
+            "",
+        ]
+    for name, why in used.get("missing", {}).items():
+        lines.append(f"- no `{name}` signal: {why}")
+    if used.get("missing"):
+        lines.append("")
+    transition = det.get("transition_matrix")
+    if transition:
+        rates = ", ".join(f"{q:.2f}" for q in transition["quota"])
+        noise_rate = transition["structure"]["noise_rate"]
+        lines += [
+            f"Estimated noise (from kNN label consensus in `{transition['space']}`): {noise_rate:.1%} "
+            f"of the labels wrong; share wrong per given class: {rates}"
+            + (f"; mean |T-hat - T| {transition['error']:.4f}" if "error" in transition else "")
+            + ".",
+            "",
+        ]
+    return lines
 
 
 def write_report(run_layout: RunLayout, config: Config, manifests: dict[str, dict[str, Any]], log=print) -> dict:

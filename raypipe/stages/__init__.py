@@ -1,7 +1,8 @@
 """The RLAP stages, one module each, named as the stage (data, train for every training stage,
-attribution, partition, prune). Each stage is a function from input URI(s) + its config to its
-output folder; stages hand over through files, never live objects. The per-shard work functions are
-pure and run wherever an `Executor` sends them: this process, or Ray tasks, actors and Train workers.
+attribution, partition (with `signals`, its per-shard detection signals), prune). Each stage is a
+function from input URI(s) + its config to its output folder; stages hand over through files, never
+live objects. The per-shard work functions are pure and run wherever an `Executor` sends them: this
+process, or Ray tasks, actors and Train workers.
 """
 
 from __future__ import annotations

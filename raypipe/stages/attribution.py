@@ -1,8 +1,9 @@
 """Stage `attribution`: per-sample probe activations and attribution vectors, shard by shard.
 
 Each output shard has the name of its data shard and one row per sample of it: sample_id, label,
-pred_label, pred_prob, given_prob, loss, probe [d], attribution [m] (and the ground truth columns
-when the data has them, for scoring only). A shard file is published atomically, so a
+pred_label, pred_prob, given_prob, loss, probe [d], attribution [m], ``probe_<name>`` [d] for every
+further model the pass reads (the initial model at an early epoch: ``probe_early``), and the ground
+truth columns when the data has them, for scoring only. A shard file is published atomically, so a
 rerun after a crash skips every shard already written and computes only the rest.
 
 With `keep_features` each shard also keeps the backbone's output for its samples (sample_id, label,
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from raypipe import layout, storage
 from raypipe.core.attribution import attribute_batch
@@ -29,26 +31,44 @@ from raypipe.training.loop import resolve_device
 
 @dataclass(frozen=True)
 class AttributionPass:
-    """What one attribution pass computes with: the model, the rule, the batch size, the device, and
-    whether it keeps the backbone's features for L-FT."""
+    """What one attribution pass computes with: the model, the rule, the batch size, the device, whether
+    it keeps the backbone's features for L-FT, and the further models whose probe activations it adds
+    ((name, model URI) pairs: a tuple, so that the pass is hashable, as the Ray workers' model cache needs)."""
 
     model_uri: str
     rule: str
     batch_size: int
     device: str = "cpu"
     keep_features: bool = False
+    probe_models: tuple[tuple[str, str], ...] = ()
 
     def attributor(self) -> ShardAttributor:
-        return ShardAttributor(self.model_uri, self.rule, self.batch_size, self.device, self.keep_features)
+        return ShardAttributor(
+            self.model_uri, self.rule, self.batch_size, self.device, self.keep_features, dict(self.probe_models)
+        )
 
 
 class ShardAttributor:
-    """Holds one model (loaded once) and attributes whole shards: the body of an actor."""
+    """Holds the model (and any further models, each loaded once) and attributes whole shards: the body of an
+    actor. probe_models: name -> checkpoint URI of models whose probe activations are added as ``probe_<name>``
+    in the same pass over the data."""
 
-    def __init__(self, model_uri: str, rule: str, batch_size: int, device: str = "cpu", keep_features: bool = False):
+    def __init__(
+        self,
+        model_uri: str,
+        rule: str,
+        batch_size: int,
+        device: str = "cpu",
+        keep_features: bool = False,
+        probe_models: dict[str, str] | None = None,
+    ):
         self.device = resolve_device(device)
         model, self.signature, _ = load_model(model_uri)
         self.model: ProbedModel = model.to(self.device).eval()
+        self.probe_models = {
+            name: load_model(uri, expect=self.signature)[0].to(self.device).eval()
+            for name, uri in (probe_models or {}).items()
+        }
         self.rule = rule
         self.batch_size = batch_size
         self.keep_features = keep_features
@@ -62,6 +82,8 @@ class ShardAttributor:
             for record_batch in pq.ParquetFile(f).iter_batches(batch_size=self.batch_size):
                 batch = batch_from_table(pa.Table.from_batches([record_batch]), shape)
                 out = attribute_batch(self.model, batch, self.rule, self.device, self.keep_features)
+                for name, model in self.probe_models.items():
+                    out[f"probe_{name}"] = probe_activations(model, batch["x"], self.device)
                 for key, value in out.items():
                     parts.setdefault(key, []).append(value)
         columns = {key: np.concatenate(values) for key, values in parts.items()}
@@ -70,6 +92,13 @@ class ShardAttributor:
             storage.write_table(layout.features_shard(out_uri), table_from_columns(kept))
         storage.write_table(out_uri, table_from_columns(columns))
         return len(columns["sample_id"])
+
+
+@torch.no_grad()
+def probe_activations(model: ProbedModel, x: np.ndarray, device) -> np.ndarray:
+    """x [B, *shape] -> float32 [B, d], the model's pre-ReLU probe activations (eval mode)."""
+    h = model.probe(model.features(torch.tensor(x, dtype=torch.float32, device=device)))
+    return h.cpu().numpy().astype(np.float32)
 
 
 def pending_shards(data_shards: list[str], out_uri: str) -> list[tuple[str, str]]:

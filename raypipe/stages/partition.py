@@ -21,95 +21,79 @@ import pyarrow as pa
 
 from raypipe import layout, storage
 from raypipe.config import DetectionConfig, PartitionConfig
-from raypipe.core.detection import KnnIndex, class_conditional_flags, combine_signals
+from raypipe.core.detection import class_conditional_flags, combine_signals
+from raypipe.core.detection.transition import (
+    empirical_transition,
+    estimate_from_neighbours,
+    quota_flags,
+    transition_error,
+)
 from raypipe.core.metrics import detection_metrics
 from raypipe.core.mixture import MixtureFit, check_clean_side, fit_mixture, split
 from raypipe.errors import RaypipeError
+from raypipe.stages.signals import ProbeSpaces, read_trajectory, sample_shard, signal_shard
 from raypipe.tables import columns_from_table, table_from_columns
 
 
-def sample_shard(uri: str, keep_probability: float, seed: int) -> dict[str, np.ndarray]:
-    """A Bernoulli(keep_probability) sample of one attribution shard's (attribution, loss) rows."""
-    table = storage.read_table(uri, columns=["sample_id", "attribution", "loss"])
-    cols = columns_from_table(table)
-    # Seeded by sample ids, not by shard order: the same rows are drawn wherever this runs.
-    rng = np.random.default_rng([seed, int(cols["sample_id"][0]) if len(cols["sample_id"]) else 0])
-    keep = rng.random(len(cols["sample_id"])) < keep_probability
-    return {k: v[keep] for k, v in cols.items()}
-
-
-def reference_rows(uri: str, keep_probability: float, seed: int) -> dict[str, np.ndarray]:
-    """A Bernoulli(keep_probability) sample of one shard's (sample_id, probe, label): kNN reference rows."""
-    cols = columns_from_table(storage.read_table(uri, columns=["sample_id", "probe", "label"]))
-    rng = np.random.default_rng([seed, 7, int(cols["sample_id"][0]) if len(cols["sample_id"]) else 0])
-    keep = rng.random(len(cols["sample_id"])) < keep_probability
-    return {k: v[keep] for k, v in cols.items()}
-
-
-def build_knn_index(shards: list[str], n_rows: int, det: DetectionConfig, num_classes: int, seed: int, executor):
-    """The reference set: all rows, or a uniform sample of about det.max_reference (driver memory bounded)."""
-    keep_probability = min(1.0, det.max_reference / max(n_rows, 1))
-    parts = executor.map(lambda uri: reference_rows(uri, keep_probability, seed), shards, "knn reference")
-    ref = {k: np.concatenate([p[k] for p in parts]) for k in ("sample_id", "probe", "label")}
-    return KnnIndex.build(ref["probe"], ref["label"], num_classes, ref_ids=ref["sample_id"])
-
-
-def signal_shard(in_uri: str, out_uri: str, fit: MixtureFit, index: KnnIndex | None, det: DetectionConfig) -> int:
-    """One attribution shard -> its per-sample signals (scalars only): the attribution mixture's
-    p_noisy, the loss, and the kNN label agreement with the neighbours' majority label."""
-    keep = ["sample_id", "label", "pred_label", "loss", "attribution", "probe", "true_label", "is_corrupted"]
-    table = storage.read_table(in_uri)
-    cols = columns_from_table(table, [c for c in keep if c in table.column_names])
-    cols["p_attribution"] = fit.p_noisy(cols.pop("attribution"))
-    probe = cols.pop("probe")  # [B, d]
-    if index is not None:
-        votes = index.votes(probe, cols["label"], det.k, query_ids=cols["sample_id"], class_balanced=det.class_balanced)
-        cols["knn_agreement"] = votes.agreement.astype(np.float32)
-        cols["knn_suggested"] = votes.suggested_label.astype(np.int64)
-    storage.write_table(out_uri, table_from_columns(cols))
-    return len(cols["sample_id"])
-
-
-def read_trajectory(trajectory_uri: str | None, sample_id: np.ndarray) -> dict[str, np.ndarray]:
-    """-AUM and the early loss aligned to `sample_id`, when the initial training recorded them."""
-    if trajectory_uri is None or not storage.list_files(trajectory_uri, ".parquet"):
-        return {}
-    t = columns_from_table(
-        pa.concat_tables([storage.read_table(u) for u in storage.list_files(trajectory_uri, ".parquet")])
-    )
-    order = np.argsort(t["sample_id"])
-    pos = np.searchsorted(t["sample_id"], sample_id, sorter=order)
-    pos = order[np.minimum(pos, len(order) - 1)]
-    if not np.array_equal(t["sample_id"][pos], sample_id):
-        return {}  # a partial trajectory (e.g. a shard too big to cache on a worker): not a usable signal
-    out = {"aum": -t["aum"][pos]}  # higher = more suspect
-    if np.isfinite(t["early_loss"][pos]).all():
-        out["early_loss"] = t["early_loss"][pos]
-    return out if np.isfinite(out["aum"]).all() else {}
-
-
-def decide(signals: dict[str, np.ndarray], labels: np.ndarray, num_classes: int, det: DetectionConfig, seed: int):
-    """-> (p_noisy [N], signals_used) from the chosen signal(s), per det.signal and det.decision."""
+def decide(
+    signals: dict[str, np.ndarray],
+    labels: np.ndarray,
+    num_classes: int,
+    det: DetectionConfig,
+    seed: int,
+    transition: dict | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """-> (p_noisy [N], score [N] (higher = more suspect), signals_used) from the chosen signal(s), per det.signal,
+    then decided per det.decision (`transition`: the noise transition estimate, for the quotas)."""
     if det.signal == "attribution":
-        return signals["attribution"], {"signal": "attribution", "decision": "attribution mixture"}
+        p = signals["attribution"]
+        return p, p, {"signal": "attribution", "decision": "attribution mixture"}
     if det.signal == "auto":
         score, used = combine_signals(signals, seed=seed)
         used = {"signal": "auto", **used}
     else:
-        name = {"knn": "knn", "trajectory": "aum"}[det.signal]
+        name = {"knn": "knn", "fine": "fine", "trajectory": "aum"}[det.signal]
         if name not in signals:
             raise RaypipeError(
                 "detection.signal=trajectory needs the training trajectory, recorded only when raypipe trains the "
                 "initial model (not with model.checkpoint); use detection.signal=knn or auto"
             )
         score, used = signals[name], {"signal": det.signal, "chosen": [name]}
-    if det.decision == "global":
+    method, why = choose_decision(det, transition)
+    if method == "quota":
+        flagged = quota_flags(score, labels, np.asarray(transition["quota"]))
+        p_noisy = flagged.astype(np.float32)
+    elif method == "global":
         flags = class_conditional_flags(score, np.zeros_like(labels), 1, "mixture", max_flag_fraction=None, seed=seed)
+        p_noisy = flags.p_noisy
     else:
-        flags = class_conditional_flags(score, labels, num_classes, det.decision, seed=seed)
-    used["decision"] = det.decision
-    used["classes_decided_by"] = [c.get("decided_by") for c in flags.per_class]
-    return flags.p_noisy.astype(np.float32), used
+        flags = class_conditional_flags(score, labels, num_classes, method, seed=seed)
+        p_noisy = flags.p_noisy
+        used["classes_decided_by"] = [c.get("decided_by") for c in flags.per_class]
+    used.update(decision=det.decision, decision_taken=method, decision_why=why)
+    return p_noisy.astype(np.float32), np.asarray(score, dtype=np.float32), used
+
+
+def choose_decision(det: DetectionConfig, transition: dict | None) -> tuple[str, str]:
+    """(the decision method to apply, why): detection.decision, with `auto` resolved by the noise transition
+    estimate (quota when it says the noise is class-dependent, else mixture)."""
+    if det.decision not in ("auto", "quota"):
+        return det.decision, f"detection.decision={det.decision}"
+    if transition is None:
+        return "mixture", "no noise transition estimate (no kNN neighbours were computed): per-class mixtures"
+    structure = transition["structure"]
+    conc = f"{structure['concentration']:.2f} (uniform: {structure['concentration_if_uniform']:.2f})"
+    if det.decision == "quota":
+        return "quota", f"detection.decision=quota; concentration of the estimated wrong labels {conc}"
+    if structure["class_dependent"]:
+        return "quota", (
+            f"class-dependent noise: {conc} of each class's estimated wrong labels go to one other class "
+            f"(>= {structure['min_concentration']}); each given class flags its estimated share of wrong labels"
+        )
+    return "mixture", (
+        f"noise not class-dependent: {conc} of each class's estimated wrong labels go to one other class "
+        f"(< {structure['min_concentration']}); per-class mixtures"
+    )
 
 
 def fit(attribution_shards: list[str], n_rows: int, cfg: PartitionConfig, seed: int, executor) -> MixtureFit:
@@ -120,10 +104,10 @@ def fit(attribution_shards: list[str], n_rows: int, cfg: PartitionConfig, seed: 
     return fit_mixture(attribution, loss, cfg, seed)
 
 
-def write_split(out_uri, names, lengths, cols, p_noisy, is_clean, signal: str) -> None:
+def write_split(out_uri, names, lengths, cols, p_noisy, is_clean, signal: str, score=None) -> None:
     """Partition shards (one per attribution shard, `lengths` rows each) and label_issues.parquet (the
-    flagged samples, most suspect first, with a suggested label: the neighbours' majority when kNN ran,
-    else the model's prediction)."""
+    flagged samples, most suspect first (by p_noisy, then by `score`), with a suggested label: the
+    neighbours' majority when kNN ran, else the model's prediction)."""
     suggested = cols.get("knn_suggested", cols["pred_label"])
     out = {
         "sample_id": cols["sample_id"],
@@ -138,7 +122,8 @@ def write_split(out_uri, names, lengths, cols, p_noisy, is_clean, signal: str) -
     for name, a, b in zip(names, offsets[:-1], offsets[1:], strict=True):
         storage.write_table(storage.join(out_uri, name), table_from_columns({k: v[a:b] for k, v in out.items()}))
     flagged = np.flatnonzero(~is_clean)
-    order = flagged[np.argsort(-p_noisy[flagged], kind="stable")]
+    tie_break = np.zeros(len(flagged)) if score is None else -np.asarray(score)[flagged]
+    order = flagged[np.lexsort((tie_break, -p_noisy[flagged]))]
     issues = {
         "sample_id": cols["sample_id"][order],
         "given_label": cols["label"][order],
@@ -147,6 +132,34 @@ def write_split(out_uri, names, lengths, cols, p_noisy, is_clean, signal: str) -
         "flagged_by": np.full(len(order), signal),
     }
     storage.write_table(layout.label_issues_file(out_uri), table_from_columns(issues))
+
+
+def gather_signals(cols: dict[str, np.ndarray], trajectory_uri: str | None) -> dict[str, np.ndarray]:
+    """Every suspicion score the signal shards and the trajectory hold (higher = more suspect)."""
+    signals = {"attribution": cols["p_attribution"], "loss": cols["loss"]}
+    for name in ("knn", "knn_early"):
+        if f"{name}_agreement" in cols:
+            signals[name] = 1.0 - cols[f"{name}_agreement"]
+    if "fine_alignment" in cols:
+        signals["fine"] = 1.0 - cols["fine_alignment"]
+    signals.update(read_trajectory(trajectory_uri, cols["sample_id"]))
+    return signals
+
+
+def transition_estimate(cols: dict[str, np.ndarray], num_classes: int, det: DetectionConfig, seed: int):
+    """The noise transition estimate from the neighbour label consensus of the final probe space (measured closer to
+    the true T than the early one's, docs/detection.md), else the early one; with the true T and its error when
+    ground truth exists. None when no neighbours were computed."""
+    space = next((name for name in ("knn", "knn_early") if f"{name}_counts" in cols), None)
+    if space is None:
+        return None
+    estimate = estimate_from_neighbours(cols["label"], cols[f"{space}_counts"], num_classes, det.min_concentration)
+    out = {"space": space, **estimate}
+    if "true_label" in cols and "is_corrupted" in cols:
+        truth = empirical_transition(cols["true_label"], cols["label"], num_classes)
+        out["true"] = truth.tolist()
+        out["error"] = transition_error(np.asarray(out["estimate"]), truth)
+    return out
 
 
 def run(
@@ -160,29 +173,32 @@ def run(
     trajectory_uri: str | None,
     executor,
     log=print,
+    probe_columns: tuple[str, ...] = ("probe",),
+    missing: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """`probe_columns`: the probe spaces the attribution shards hold; `missing`: signals that cannot exist for this
+    run, and why (e.g. no trajectory for a given model), for the report."""
     shards = storage.list_files(attribution_uri, ".parquet")
-    # 1. Per-shard signals, in parallel: the attribution mixture (fitted on a uniform sample) and kNN votes.
+    # 1. Per-shard signals, in parallel: the attribution mixture (fitted on a uniform sample), kNN votes, FINE.
     mixture = fit(shards, n_rows, cfg, seed, executor)
-    index = build_knn_index(shards, n_rows, det, num_classes, seed, executor) if det.signal in ("knn", "auto") else None
+    spaces = ProbeSpaces.build(shards, list(probe_columns), n_rows, det, num_classes, seed, executor)
     names = [uri.rsplit("/", 1)[-1] for uri in shards]
     jobs = [(uri, storage.join(layout.signals_dir(out_uri), name)) for uri, name in zip(shards, names, strict=True)]
-    executor.map(lambda job: signal_shard(job[0], job[1], mixture, index, det), jobs, "signals")
+    executor.map(lambda job: signal_shard(job[0], job[1], mixture, spaces, det), jobs, "signals")
 
     # 2. The decision, on the driver: it reads back a few scalars per sample, never the vectors.
     tables = [storage.read_table(out) for _, out in jobs]
     lengths = [t.num_rows for t in tables]
     cols = columns_from_table(pa.concat_tables(tables))
-    signals = {"attribution": cols["p_attribution"], "loss": cols["loss"]}
-    if "knn_agreement" in cols:
-        signals["knn"] = 1.0 - cols["knn_agreement"]
-    signals.update(read_trajectory(trajectory_uri, cols["sample_id"]))
-    p_noisy, signals_used = decide(signals, cols["label"], num_classes, det, seed)
+    signals = gather_signals(cols, trajectory_uri)
+    transition = transition_estimate(cols, num_classes, det, seed)
+    p_noisy, score, signals_used = decide(signals, cols["label"], num_classes, det, seed, transition)
+    signals_used["missing"] = dict(missing or {})
     is_clean = split(p_noisy, cfg.tau)
     check_clean_side(is_clean, cfg)
 
     # 3. Partition shards aligned with the attribution shards (the prune stage joins them shard by shard).
-    write_split(out_uri, names, lengths, cols, p_noisy, is_clean, signals_used["signal"])
+    write_split(out_uri, names, lengths, cols, p_noisy, is_clean, signals_used["signal"], score)
     storage.write_json(layout.mixture_file(out_uri), mixture.describe())
     summary: dict[str, Any] = {
         "n_clean": int(is_clean.sum()),
@@ -190,25 +206,31 @@ def run(
         "tau": cfg.tau,
         "signals_used": signals_used,
         "signals_available": sorted(signals),
+        "transition_matrix": transition,
         "mixture": {
             k: v for k, v in mixture.describe().items() if k in ("weights", "noisy_component", "component_mean_loss")
         },
     }
     if "is_corrupted" in cols:
-        truth = cols["is_corrupted"]
-        summary["detection"] = detection_metrics(truth, p_noisy, cfg.tau)
-        # Each signal's AUROC alone, to read what the chosen rule gained (ground truth used only to score).
-        summary["detection"]["auroc_by_signal"] = {
-            name: detection_metrics(truth, np.asarray(score, dtype=np.float64), 0.5)["auroc"]
-            for name, score in signals.items()
-        }
+        summary["detection"] = score_detection(cols["is_corrupted"], p_noisy, score, signals, cfg.tau)
     det_m = summary.get("detection")
     log(
-        f"[partition] signal {signals_used['signal']} ({', '.join(signals_used.get('chosen', []) or ['mixture'])}): "
-        f"clean {summary['n_clean']}, noisy {summary['n_noisy']}"
+        f"[partition] signal {signals_used['signal']} ({', '.join(signals_used.get('chosen', []) or ['mixture'])}), "
+        f"decision {signals_used.get('decision_taken', '-')}: clean {summary['n_clean']}, noisy {summary['n_noisy']}"
         + (f"; detection F1 {det_m['f1']:.3f} AUROC {det_m['auroc']:.3f}" if det_m else "")
     )
     return summary
+
+
+def score_detection(truth, p_noisy, score, signals: dict[str, np.ndarray], tau: float) -> dict[str, Any]:
+    """Precision, recall, F1 of the split, AUROC of p_noisy and of the score it was decided from, and of each
+    signal alone (to read what the chosen rule gained). Ground truth is used only to score."""
+    out = detection_metrics(truth, p_noisy, tau)
+    out["auroc_score"] = detection_metrics(truth, np.asarray(score, dtype=np.float64), 0.5)["auroc"]
+    out["auroc_by_signal"] = {
+        name: detection_metrics(truth, np.asarray(s, dtype=np.float64), 0.5)["auroc"] for name, s in signals.items()
+    }
+    return out
 
 
 def read_partition(partition_uri: str, columns: list[str] | None = None):

@@ -29,7 +29,7 @@ from raypipe.stages.attribution import read_features
 from raypipe.stages.data import read_split, train_format, train_sample_ids
 from raypipe.tables import columns_from_table, table_from_columns
 from raypipe.training.callbacks import Gather, Log, RecordTrajectory, Report, StopOnNonFinite, Validate
-from raypipe.training.checkpoint import SaveCheckpoint, load_model, restore, save_model
+from raypipe.training.checkpoint import SaveCheckpoint, SaveModelAt, load_model, restore, save_model
 from raypipe.training.loop import (
     FEATURE_CACHE_MAX_BYTES,
     CachedFeatures,
@@ -64,6 +64,9 @@ class TrainRequest:
     # `early_loss_epoch`) for detection: an eval pass over the training set after each.
     trajectory_epochs: int = 0
     early_loss_epoch: int = 0
+    # Publish the model as it is after this epoch (1-based; 0 = never) as ``early_model.pt``: a representation
+    # not yet fit to the wrong labels, for detection.
+    early_model_epoch: int = 0
     # A labelled set (raypipe's sample-table Parquet) scored after every epoch (a sweep trial's objective).
     val_uri: str | None = None
     # l_ft: the attribution stage, whose kept backbone features the head trains on (when it kept them).
@@ -135,13 +138,20 @@ def starting_model(request: TrainRequest, sample_shape, num_classes):
 
 
 def write_trajectory(out_uri: str, recorder, early_loss_epoch: int) -> None:
-    """``trajectory/part-00000.parquet``: sample_id, aum, early_loss (NaN if that epoch was not run)."""
+    """``trajectory/part-00000.parquet``: sample_id, aum, early_loss (NaN if that epoch was not run),
+    wrong_events (in how many recorded epochs the prediction was not the given label), epochs_recorded."""
     early = (
         recorder.early_loss(early_loss_epoch)
         if early_loss_epoch in recorder.losses
         else np.full(recorder.num_samples, np.nan, dtype=np.float32)
     )
-    columns = {"sample_id": recorder.sample_ids, "aum": recorder.aum(), "early_loss": early}
+    columns = {
+        "sample_id": recorder.sample_ids,
+        "aum": recorder.aum(),
+        "early_loss": early,
+        "wrong_events": recorder.wrong_count,
+        "epochs_recorded": recorder.count,
+    }
     storage.write_table(layout.trajectory_file(out_uri), table_from_columns(columns))
 
 
@@ -180,6 +190,9 @@ def train_route(request: TrainRequest, data: EpochData, sample_shape, num_classe
         callbacks.append(Validate(model, val.x, val.label, worker.device))
     checkpoint = layout.checkpoint_file(request.out_uri)
     state = restore(checkpoint, model, signature, optimizer, callbacks, worker.log)
+    if request.early_model_epoch > 0:
+        early = layout.early_model_file(request.out_uri)
+        callbacks.append(SaveModelAt(early, request.early_model_epoch, model, signature, worker.rank == 0))
     # After the last epoch model.pt is published at once: no checkpoint then, unless a report sink may stop
     # the run at that epoch's report, before model.pt (Tune ends a trial at its last report).
     final = request.train.epochs if worker.report is None else None

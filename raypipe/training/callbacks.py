@@ -16,6 +16,10 @@ from raypipe.core.detection.trajectory import TrajectoryRecorder
 from raypipe.errors import TrainingDiverged
 from raypipe.training.loop import Callback, EpochData, LoopState, evaluate, predict_logits, unwrap
 
+# Samples per batch of the end-of-epoch eval pass. Measured on 2 CPUs, one thread: cnn_small predicted 8192
+# samples in 1.84 s in batches of 256, 2.59 s in batches of 1024 (the larger activations leave the cache).
+EVAL_BATCH_SIZE = 256
+
 # A callable that returns every data-parallel rank's object, in rank order (the identity's [obj] in one process).
 Gather = Callable[[Any], list[Any]]
 
@@ -73,8 +77,8 @@ class Log(Callback):
 
 
 class RecordTrajectory(Callback):
-    """Per-sample margin and loss of the first `epochs` epochs, from an eval pass over the samples this
-    rank holds at the end of each (detection signals: AUM and the loss at `early_loss_epoch`).
+    """Per-sample margin, loss and wrong events of the first `epochs` epochs, from an eval pass over the samples
+    this rank holds at the end of each (detection signals: AUM, the loss at `early_loss_epoch`, wrong events).
 
     Each rank records what it holds; `gather` collects every rank's recorder, and their merge is what
     the checkpoint keeps. Restored from a checkpoint, the merged state goes to the writer rank only
@@ -109,7 +113,8 @@ class RecordTrajectory(Callback):
         held = self.data.held()
         if held is not None:
             ids, x, y = held
-            logits = predict_logits(unwrap(self.model), x, 1024, self.device)  # [n, C], end-of-epoch eval pass
+            # [n, C]: the end-of-epoch eval pass
+            logits = predict_logits(unwrap(self.model), x, EVAL_BATCH_SIZE, self.device)
             self.recorder.update(ids, logits, np.asarray(y), epoch)
         self.merged = self._merge()
 

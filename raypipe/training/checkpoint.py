@@ -100,6 +100,21 @@ def restore(
     return LoopState(training["epoch"], training["seconds_train"], list(training["history"]))
 
 
+class SaveModelAt(Callback):
+    """Publishes the model as it is at the end of `epoch` (1-based) to `uri` (the writer rank only): a snapshot
+    of the run in progress, e.g. the initial model before it fit its wrong labels (a detection signal's
+    representation). Keep it before `SaveCheckpoint`, so a run resumed after `epoch` finds the snapshot on disk."""
+
+    name = "save_model_at"
+
+    def __init__(self, uri: str, epoch: int, model: torch.nn.Module, signature: dict[str, Any], writer: bool = True):
+        self.uri, self.epoch, self.model, self.signature, self.writer = uri, epoch, model, signature, writer
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, Any], state: LoopState) -> None:
+        if epoch == self.epoch and self.writer:
+            save_model(self.uri, getattr(self.model, "module", self.model), self.signature, {"epoch": epoch})
+
+
 class SaveCheckpoint(Callback):
     """Writes ``checkpoint.pt`` after every epoch (the writer rank only; every rank gathers the
     callbacks' states, which may be collective operations) but `final_epoch`, after which the caller

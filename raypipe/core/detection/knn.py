@@ -38,11 +38,14 @@ class KnnVotes(NamedTuple):
     suggested_label: int64 [Q], the label with the largest weighted vote (ties go to the given label, then
                      to the smallest class index): a candidate correction for flagged samples.
     suggested_share: float32 [Q], the weighted vote share of `suggested_label` (>= agreement).
+    counts:          int64 [Q, C], how many of the k neighbours carry each label (unweighted; `votes(counts=True)`,
+                     else None): the neighbourhood label consensus a noise transition estimate reads.
     """
 
     agreement: np.ndarray
     suggested_label: np.ndarray
     suggested_share: np.ndarray
+    counts: np.ndarray | None = None
 
 
 def prepare_features(x: np.ndarray, metric: Metric = "cosine", features: Features = "raw") -> np.ndarray:
@@ -175,6 +178,7 @@ class KnnIndex:
         class_balanced: bool = False,
         block_size: int | None = None,
         device: str = "cpu",
+        counts: bool = False,
     ) -> KnnVotes:
         """How the k nearest reference neighbours of each query row vote on its given label (exact, blocked).
 
@@ -186,6 +190,7 @@ class KnnIndex:
             estimates the class posterior under a uniform prior, so a small class is not outvoted for being small.
         block_size: queries per block; memory O(block_size * R). None = a 256 MiB similarity block.
         device: torch device of the matmul ("cuda" where a GPU is free).
+        counts: also return the neighbours' unweighted label counts [Q, C].
 
         Ties at the k-th distance are broken by torch.topk (deterministic for the same input); similarities are
         float32, so only near-duplicates tie. Self-exclusion is by id, never by distance.
@@ -215,8 +220,8 @@ class KnnIndex:
         else:
             w = np.ones(c)
 
-        counts = self._neighbour_counts(q, k, self_pos, block_size, device)  # [Q, C]
-        weighted = counts * w  # [Q, C] float64; counts * weight is exact and order-free, so ties are reproducible
+        label_counts = self._neighbour_counts(q, k, self_pos, block_size, device)  # [Q, C]
+        weighted = label_counts * w  # [Q, C] float64; counts * weight is exact and order-free, so ties are reproducible
         shares = weighted / np.maximum(weighted.sum(axis=1, keepdims=True), 1e-300)  # [Q, C]
         rows = np.arange(n_q)
         agreement = shares[rows, query_labels]
@@ -227,6 +232,7 @@ class KnnIndex:
             agreement=agreement.astype(np.float32),
             suggested_label=suggested.astype(np.int64),
             suggested_share=shares[rows, suggested].astype(np.float32),
+            counts=label_counts if counts else None,
         )
 
     def _neighbour_counts(

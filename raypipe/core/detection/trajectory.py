@@ -1,7 +1,9 @@
-"""Training-trajectory signals: per-sample margin (AUM) and early loss, recorded along training.
+"""Training-trajectory signals: per-sample margin (AUM), early loss and wrong-event counts, recorded along training.
 
-Before the model memorizes its labels, a mislabelled sample has a high loss and a negative margin; the loss at
-an early epoch and the area under the margin (AUM, Pleiss et al. 2020) keep that memory after it has.
+Before the model memorizes its labels, a mislabelled sample has a high loss, a negative margin and a prediction
+that disagrees with its given label; the loss at an early epoch, the area under the margin (AUM, Pleiss et al.
+2020) and the number of epochs in which the prediction was wrong (wrong events, Zhang et al. 2025) keep that
+memory after it has.
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ def margins_and_losses(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarr
 
 
 class TrajectoryRecorder:
-    """Per-sample margin and loss along training, fed the logits the training loop computes anyway.
+    """Per-sample margin, loss and wrong events along training, fed the logits the training loop computes anyway.
 
     Feed it once per epoch per sample (`update(index, logits, labels, epoch)`), from the training batches' logits
     or from an end-of-epoch eval pass (then the values are exactly those of the epoch's checkpoint). AUM = mean
-    margin over all updates of a sample; suspicion scores: -aum() and early_loss(epoch).
+    margin over all updates of a sample; a wrong event = an update whose arg-max prediction is not the given label
+    (margin <= 0: a tie counts as wrong); suspicion scores: -aum(), early_loss(epoch) and wrong_event_share().
     index: positions in [0, num_samples), or sample ids when the recorder was built with sample_ids.
     keep_loss_epochs: the epochs whose per-sample loss is kept (default all; 4 bytes per sample each).
     Data-parallel training: one full-size recorder per worker, `merge`d on the driver; checkpoint it with
@@ -70,6 +73,7 @@ class TrajectoryRecorder:
         self.keep_loss_epochs = None if keep_loss_epochs is None else {int(e) for e in keep_loss_epochs}
         self.margin_sum = np.zeros(self.num_samples, dtype=np.float64)  # [N]
         self.count = np.zeros(self.num_samples, dtype=np.int64)  # [N] updates seen
+        self.wrong_count = np.zeros(self.num_samples, dtype=np.int64)  # [N] updates whose prediction was not the label
         self.losses: dict[int, np.ndarray] = {}  # epoch -> float32 [N], NaN where not seen that epoch
 
     def _positions(self, index) -> np.ndarray:
@@ -92,6 +96,7 @@ class TrajectoryRecorder:
             raise ValueError("a batch repeats a sample; record each sample once per update")
         self.margin_sum[pos] += margin
         self.count[pos] += 1
+        self.wrong_count[pos] += margin <= 0
         if self.keep_loss_epochs is None or epoch in self.keep_loss_epochs:
             if epoch not in self.losses:
                 self.losses[epoch] = np.full(self.num_samples, np.nan, dtype=np.float32)
@@ -102,6 +107,14 @@ class TrajectoryRecorder:
         out = np.full(self.num_samples, np.nan)
         seen = self.count > 0
         out[seen] = self.margin_sum[seen] / self.count[seen]
+        return out
+
+    def wrong_event_share(self) -> np.ndarray:
+        """float64 [N]: the share of a sample's updates in which the prediction was not its given label (NaN for
+        samples never recorded). With one update per epoch: the share of the recorded epochs. Suspicion as is."""
+        out = np.full(self.num_samples, np.nan)
+        seen = self.count > 0
+        out[seen] = self.wrong_count[seen] / self.count[seen]
         return out
 
     def early_loss(self, epoch: int) -> np.ndarray:
@@ -116,6 +129,7 @@ class TrajectoryRecorder:
             raise ValueError("recorders of different sizes")
         self.margin_sum += other.margin_sum
         self.count += other.count
+        self.wrong_count += other.wrong_count
         for e, loss in other.losses.items():
             mine = self.losses.setdefault(e, np.full(self.num_samples, np.nan, dtype=np.float32))
             np.copyto(mine, loss, where=~np.isnan(loss))
@@ -125,11 +139,12 @@ class TrajectoryRecorder:
         """What to checkpoint with the model (resume after a worker failure): torch tensors in str-keyed dicts,
         so that `torch.load(..., weights_only=True)` reads it back.
 
-        {"margin_sum": float64 [N], "count": int64 [N], "losses": {str(epoch): float32 [N]}}.
+        {"margin_sum": float64 [N], "count": int64 [N], "wrong_count": int64 [N], "losses": {str(epoch): float32 [N]}}.
         """
         return {
             "margin_sum": torch.from_numpy(self.margin_sum.copy()),
             "count": torch.from_numpy(self.count.copy()),
+            "wrong_count": torch.from_numpy(self.wrong_count.copy()),
             "losses": {str(e): torch.from_numpy(v.copy()) for e, v in self.losses.items()},
         }
 
@@ -137,4 +152,5 @@ class TrajectoryRecorder:
         """Restore a `state_dict()` (tensors or numpy arrays) into a recorder built for the same samples."""
         self.margin_sum = _as_numpy(state["margin_sum"]).astype(np.float64, copy=True)
         self.count = _as_numpy(state["count"]).astype(np.int64, copy=True)
+        self.wrong_count = _as_numpy(state["wrong_count"]).astype(np.int64, copy=True)
         self.losses = {int(e): _as_numpy(v).astype(np.float32, copy=True) for e, v in state["losses"].items()}
