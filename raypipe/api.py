@@ -1,4 +1,5 @@
-"""The Python API, mirroring the CLI: ``raypipe.run(config, out) -> report``, ``raypipe.run_sweep(config, out)``.
+"""The Python API, mirroring the CLI: ``raypipe.run(config, out) -> report``, ``raypipe.run_sweep(config, out)``,
+and ``raypipe.load_model(out)`` -> the repaired model of a finished run.
 
 Both check everything that can be checked before any work (`raypipe.preflight`), then hold the output
 folder for the whole run (`raypipe.runlock`: one run per folder at a time), then start the executor.
@@ -60,3 +61,15 @@ def run_sweep(config, out: str, log=print) -> dict[str, Any]:
             return tune.run_sweep(config, out, executor, log)
         finally:
             executor.close()
+
+
+def load_model(path: str, route: str = "f_ft"):
+    """The model a run wrote, as a `torch.nn.Module` in eval mode on the CPU: `path` is a run directory (its
+    `route`: ``f_ft`` the repaired model, ``l_ft``, ``retrain``, ``prune`` or ``initial``) or a ``model.pt``.
+    It maps a float32 batch ``[B, *sample_shape]`` (pixels in [0, 1]) to logits ``[B, num_classes]``;
+    ``model.probe_mask`` holds the pruned neurons (0). Loading never runs code from the file."""
+    from raypipe.training.checkpoint import load_model as load_checkpoint
+
+    uri = path if path.endswith(".pt") else RunLayout(storage.absolute(path)).model(route)
+    model, _, _ = load_checkpoint(uri)
+    return model.eval()

@@ -1,7 +1,9 @@
-"""`raypipe run` / `raypipe sweep`: log the config, build, run, clean up.
+"""`raypipe run` / `raypipe sweep` / `raypipe config`: resolve the config, run, clean up.
 
 raypipe run --out runs/digits [--config jobs/configs/digits.yaml] [noise.rate=0.4 ...]
 raypipe sweep --out runs/digits-sweep [--config jobs/configs/digits_sweep.yaml] [sweep.num_samples=8 ...]
+raypipe config [--sweep] [--config FILE.yaml] [noise.rate=0.4 ...]   (prints the resolved config, runs nothing)
+raypipe --version
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import sys
 
+from raypipe import __version__
 from raypipe.config import dump_config, load_config
 from raypipe.errors import user_error
 
@@ -26,6 +29,7 @@ JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raypipe", description="Repair a model trained on noisy data (RLAP).")
+    parser.add_argument("--version", action="version", version=f"raypipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run (or resume) the RLAP pipeline")
     run.add_argument("--out", required=True, help="run directory: a local path, s3://... or gs://...")
@@ -38,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--config", default=None, help="YAML config file with a `sweep:` section")
     sweep.add_argument("overrides", nargs="*", help="section.key=value settings, e.g. sweep.num_samples=8")
     sweep.add_argument("--default", action="append", default=[], help=argparse.SUPPRESS)
+    config = sub.add_parser("config", help="print the resolved config (defaults <- --config <- overrides); runs nothing")
+    config.add_argument("--config", default=None, help="YAML config file")
+    config.add_argument("--sweep", action="store_true", help="resolve a sweep's config (with its `sweep:` section)")
+    config.add_argument("overrides", nargs="*", help="section.key=value settings")
+    config.add_argument("--default", action="append", default=[], help=argparse.SUPPRESS)
     return parser
 
 
@@ -61,7 +70,9 @@ def relative_out_in_job(out: str, environ=os.environ) -> str | None:
 
 def run_command(args: argparse.Namespace) -> int:
     from raypipe.api import run
+    from raypipe.pipeline import check_from
 
+    check_from(args.from_stage)  # before anything is printed or written
     config = load_config(args.config, args.overrides, args.default)
     print("raypipe config:\n" + dump_config(config), flush=True)
     run(config, args.out, from_stage=args.from_stage)
@@ -78,13 +89,24 @@ def sweep_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_command(args: argparse.Namespace) -> int:
+    if args.sweep:
+        from raypipe.sweep import load_sweep_config
+
+        config = load_sweep_config(args.config, args.overrides, args.default)
+    else:
+        config = load_config(args.config, args.overrides, args.default)
+    print(dump_config(config), end="", flush=True)
+    return 0
+
+
 def _error(message: str) -> None:
     print("error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)  # one line, always
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    error = relative_out_in_job(args.out)
+    error = relative_out_in_job(args.out) if hasattr(args, "out") else None
     if error:
         _error(error)
         return 2
@@ -93,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_command(args)
         if args.command == "sweep":
             return sweep_command(args)
+        if args.command == "config":
+            return config_command(args)
     except KeyboardInterrupt:
         _error(
             "interrupted (Ctrl-C); finished stages are kept and nothing unfinished counts as done: "

@@ -302,6 +302,8 @@ class RayConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """Every setting of a run, one frozen section per stage; build it with `raypipe.load_config` (validated)."""
+
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
