@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--config", default=None, help="YAML config file with a `sweep:` section")
     sweep.add_argument("overrides", nargs="*", help="section.key=value settings, e.g. sweep.num_samples=8")
     sweep.add_argument("--default", action="append", default=[], help=argparse.SUPPRESS)
-    config = sub.add_parser("config", help="print the resolved config (defaults <- --config <- overrides); runs nothing")
+    config = sub.add_parser("config", help="print the resolved config (defaults, --config, overrides); runs nothing")
     config.add_argument("--config", default=None, help="YAML config file")
     config.add_argument("--sweep", action="store_true", help="resolve a sweep's config (with its `sweep:` section)")
     config.add_argument("overrides", nargs="*", help="section.key=value settings")
