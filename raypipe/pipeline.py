@@ -190,6 +190,7 @@ def _partition(r: Run, uri: str) -> dict[str, Any]:
         r.log,
         tuple(r.summary("attribution").get("probe_columns", ["probe"])),
         missing_signals(cfg),
+        truth_known=data.get("ground_truth", "") is not None,  # older data stages: injected noise, known
     )
 
 

@@ -1,7 +1,8 @@
 """Stage `attribution`: per-sample probe activations and attribution vectors, shard by shard.
 
 Each output shard has the name of its data shard and one row per sample of it: sample_id, label,
-pred_label, pred_prob, given_prob, loss, probe [d], attribution [m], ``probe_<name>`` [d] for every
+pred_label, pred_prob, given_prob, best_other_label (the likeliest class besides the given one), loss,
+probe [d], attribution [m], ``probe_<name>`` [d] for every
 further model the pass reads (the initial model at an early epoch: ``probe_early``), and the ground
 truth columns when the data has them, for scoring only. A shard file is published atomically, so a
 rerun after a crash skips every shard already written and computes only the rest.
