@@ -2,6 +2,7 @@
 
 raypipe run --out runs/digits [--config jobs/configs/digits.yaml] [noise.rate=0.4 ...]
 raypipe sweep --out runs/digits-sweep [--config jobs/configs/digits_sweep.yaml] [sweep.num_samples=8 ...]
+raypipe find-issues --out runs/x [--model model.pt] [--config FILE.yaml] [...]   (detection alone)
 raypipe config [--sweep] [--config FILE.yaml] [noise.rate=0.4 ...]   (prints the resolved config, runs nothing)
 raypipe --version
 """
@@ -42,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--config", default=None, help="YAML config file with a `sweep:` section")
     sweep.add_argument("overrides", nargs="*", help="section.key=value settings, e.g. sweep.num_samples=8")
     sweep.add_argument("--default", action="append", default=[], help=argparse.SUPPRESS)
+    find = sub.add_parser("find-issues", help="detection alone: data, initial (or --model), attribution, partition")
+    find.add_argument("--out", required=True, help="run directory: a local path, s3://... or gs://...")
+    find.add_argument("--model", default=None, help="a raypipe model.pt to inspect instead of training one")
+    find.add_argument("--config", default=None, help="YAML config file")
+    find.add_argument("overrides", nargs="*", help="section.key=value settings, e.g. data.source=parquet")
+    find.add_argument("--default", action="append", default=[], help=argparse.SUPPRESS)
     config = sub.add_parser("config", help="print the resolved config (defaults, --config, overrides); runs nothing")
     config.add_argument("--config", default=None, help="YAML config file")
     config.add_argument("--sweep", action="store_true", help="resolve a sweep's config (with its `sweep:` section)")
@@ -68,13 +75,40 @@ def relative_out_in_job(out: str, environ=os.environ) -> str | None:
     )
 
 
+def summary_lines(config, out: str, command: str = "run") -> list[str]:
+    """A one-screen view of what a run (or sweep) will do; the whole resolved config goes to config.yaml."""
+    from raypipe.data import labels_of_test_split
+
+    data, noise, det = config.data, config.noise, config.detection
+    where = f" '{data.path}'" if data.path else ""
+    noise_text = "no noise injected" if noise.kind == "none" else f"{noise.kind} noise {noise.rate:g} injected"
+    model = f"model.checkpoint '{config.model.checkpoint}'" if config.model.checkpoint else "trained here"
+    epochs = ", ".join(f"{r} {config.section(r).epochs}" for r in ("initial", *config.run.routes))
+    lines = [
+        f"raypipe {__version__} {command} -> {out} (every setting: {out.rstrip('/')}/config.yaml)",
+        f"  data       {data.source}{where}, {noise_text}",
+        f"  test       {labels_of_test_split(data)}",
+        f"  model      {config.model.name}, initial {model}; epochs: {epochs}",
+        f"  detection  signal {det.signal}, decision {det.decision}, tau {config.partition.tau:g}, "
+        f"attribution {config.attribution.rule}; prune {config.prune.fraction:g} of the probe neurons",
+        f"  runs on    {config.run.executor} (device {config.run.device}), seed {config.run.seed}",
+    ]
+    sweep = getattr(config, "sweep", None)
+    if sweep is not None:
+        lines.append(
+            f"  sweep      {sweep.num_samples or 'every'} trials over tau {sweep.tau}, prune {sweep.prune_fraction}, "
+            f"rules {sweep.rules}, routes {sweep.routes}, lr {sweep.lr}; objective {sweep.objective}"
+        )
+    return lines
+
+
 def run_command(args: argparse.Namespace) -> int:
     from raypipe.api import run
     from raypipe.pipeline import check_from
 
     check_from(args.from_stage)  # before anything is printed or written
     config = load_config(args.config, args.overrides, args.default)
-    print("raypipe config:\n" + dump_config(config), flush=True)
+    print("\n".join(summary_lines(config, args.out)), flush=True)
     run(config, args.out, from_stage=args.from_stage)
     return 0
 
@@ -84,8 +118,26 @@ def sweep_command(args: argparse.Namespace) -> int:
     from raypipe.sweep import load_sweep_config
 
     config = load_sweep_config(args.config, args.overrides, args.default)
-    print("raypipe config:\n" + dump_config(config), flush=True)
+    print("\n".join(summary_lines(config, args.out, "sweep")), flush=True)
     run_sweep(config, args.out)
+    return 0
+
+
+def find_issues_command(args: argparse.Namespace) -> int:
+    from raypipe import layout
+    from raypipe.api import find_label_issues
+    from raypipe.layout import RunLayout
+
+    given = [f"model.checkpoint={args.model}"] if args.model else []
+    config = load_config(args.config, [*args.overrides, *given], args.default)
+    print("\n".join(summary_lines(config, args.out, "find-issues")), flush=True)
+    issues = find_label_issues(config, args.out)
+    where = layout.label_issues_file(RunLayout(args.out).stage("partition"))
+    flagged = issues[issues["is_label_issue"]]
+    print(f"[find-issues] {len(flagged)} of {len(issues)} training samples flagged; every row: {where}")
+    shown = ["sample_id", "label_score", "given_label", "suggested_label", "p_noisy"]
+    if len(flagged):
+        print("most suspect:\n" + flagged[shown].head(10).to_string(index=False), flush=True)
     return 0
 
 
@@ -117,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             return sweep_command(args)
         if args.command == "config":
             return config_command(args)
+        if args.command == "find-issues":
+            return find_issues_command(args)
     except KeyboardInterrupt:
         _error(
             "interrupted (Ctrl-C); finished stages are kept and nothing unfinished counts as done: "

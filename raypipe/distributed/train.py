@@ -22,6 +22,7 @@ process.
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import threading
 import time
@@ -78,8 +79,18 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
+def quiet_train_reports() -> None:
+    """Ray Train logs a line per worker at every `ray.train.report` ("Reporting training result ..."), the whole
+    metrics dict; rank 0's own per-epoch line (`raypipe.training.callbacks.Log`) says what matters."""
+    with contextlib.suppress(Exception):  # a Ray without that module has no such line
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)  # Ray names that logger by its file
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: its place among the ranks, then the one loop."""
+    quiet_train_reports()
     request = TrainRequest.from_dict(config["request"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
