@@ -70,6 +70,7 @@ def _data(r: Run, uri: str) -> dict[str, Any]:
 def _data_settings(cfg: Config) -> dict[str, Any]:
     """The data's settings and what its input files hold now (size, time, hash or object version)."""
     return {
+        "layout": layout.LAYOUT_VERSION,  # a data stage written under another layout is computed again
         "data": _asdict(cfg.data),
         "noise": _asdict(cfg.noise),
         "files": storage.files_fingerprint(input_files(cfg.data)),

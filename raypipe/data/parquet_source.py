@@ -78,6 +78,8 @@ def parquet_files(path: str) -> list[str]:
 def _image_matrix(column: pa.ChunkedArray, where: str) -> np.ndarray:
     """Image column -> [N, L] array (uint8 for binary, else the list's value type)."""
     arr = column.combine_chunks()
+    if isinstance(arr, pa.ExtensionArray):  # a fixed-shape tensor column (raypipe's own tables): row-major values
+        arr = arr.storage
     n = len(arr)
     if arr.null_count:
         raise DataError(f"{where}: {arr.null_count} row(s) have no image; drop them first")

@@ -1,7 +1,8 @@
 """Stage `data`: load the source, split, inject the experiment's noise, write Parquet.
 
 Output (`raypipe.layout`): ``train/part-NNNNN.parquet`` (shards of data.shard_rows rows, the unit of
-parallel and resumable work downstream), ``val.parquet``, ``test.parquet``. The test split is never
+parallel and resumable work downstream), ``val/part-00000.parquet``, ``test/part-00000.parquet``: one folder
+a split, so each reads back whole with pandas or Ray Data. The test split is never
 corrupted; the validation split gets the same kind of noise as training, since it stands for what a
 user holds out from their own (noisy) data.
 """

@@ -6,8 +6,8 @@
    against a reference index (at most detection.max_reference rows) shipped to every worker;
 2. decision, on the driver, from a few scalars per sample: the signal(s) detection.signal names,
    combined without ground truth for `auto`, then a per-class decision (raypipe.core.detection);
-3. ``part-NNNNN.parquet`` (sample_id, label, pred_label, suggested_label, p_noisy,
-   is_clean), aligned with the attribution shards, and ``label_issues.parquet``: every training
+3. ``split/part-NNNNN.parquet`` (sample_id, label, pred_label, suggested_label, p_noisy,
+   is_clean), aligned with the attribution shards, and ``issues/part-00000.parquet``: every training
    sample in the shape of cleanlab's Datalab (is_label_issue, label_score, given / predicted /
    suggested label, p_noisy, each signal's score), most suspect first, for a user to act on.
 """
@@ -150,7 +150,8 @@ def write_split(out_uri, names, lengths, cols, p_noisy, is_clean, score, signals
     }
     offsets = np.cumsum([0, *lengths])
     for name, a, b in zip(names, offsets[:-1], offsets[1:], strict=True):
-        storage.write_table(storage.join(out_uri, name), table_from_columns({k: v[a:b] for k, v in out.items()}))
+        shard = storage.join(layout.partition_dir(out_uri), name)
+        storage.write_table(shard, table_from_columns({k: v[a:b] for k, v in out.items()}))
     storage.write_table(layout.label_issues_file(out_uri), table_from_columns(issues))
 
 
@@ -267,9 +268,7 @@ def read_partition(partition_uri: str, columns: list[str] | None = None):
 
     cols = columns or ["sample_id", "label", "pred_label", "suggested_label", "p_noisy", "is_clean"]
     tables = []
-    for uri in storage.list_files(partition_uri, ".parquet"):
-        if uri == layout.label_issues_file(partition_uri):
-            continue
+    for uri in storage.list_files(layout.partition_dir(partition_uri), ".parquet"):
         t = storage.read_table(uri)
         tables.append(t.select([c for c in [*cols, "is_corrupted", "true_label"] if c in t.column_names]))
     return pa.concat_tables(tables)
