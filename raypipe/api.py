@@ -62,7 +62,7 @@ def find_label_issues(config: Config, out: str, model: str | None = None, log=pr
     one) -> attribution -> partition under `out`, as `run` would run them (a later `run` with the same settings
     skips them). Returns the label issues table as a pandas DataFrame, every training sample, most suspect first:
     is_label_issue, label_score (higher = cleaner), given_label, predicted_label, suggested_label, p_noisy and each
-    detection signal's score (also in ``<out>/partition/label_issues.parquet``)."""
+    detection signal's score (also in ``<out>/partition/issues/``)."""
     if model is not None:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, checkpoint=model)).validate()
     preflight(config, out, pipeline.DETECTION_STAGES)

@@ -523,7 +523,7 @@ def _noisy_train(digits) -> SampleSet:
 def test_table_round_trip_exact(digits, tmp_path):
     s = _noisy_train(digits)
     table = table_from_samples(s)
-    assert table.schema.field("x").type == pa.list_(pa.float32(), 64)
+    assert table.schema.field("x").type == pa.fixed_shape_tensor(pa.float32(), [1, 8, 8])
     assert [table.schema.field(k).type for k in ("sample_id", "label", "true_label", "is_corrupted")] == [
         pa.int64(),
         pa.int64(),
@@ -537,6 +537,14 @@ def test_table_round_trip_exact(digits, tmp_path):
         for key in ("sample_id", "x", "label", "true_label", "is_corrupted"):
             assert np.array_equal(getattr(back, key), getattr(s, key)), key
             assert getattr(back, key).dtype == getattr(s, key).dtype, key
+
+
+def test_a_table_of_the_earlier_flat_format_reads_back_the_same(digits):
+    s = _noisy_train(digits)
+    table = table_from_samples(s)
+    flat = pa.FixedSizeListArray.from_arrays(pa.array(s.x.reshape(-1)), 64)
+    old = table.set_column(1, pa.field("x", pa.list_(pa.float32(), 64)), flat)
+    assert np.array_equal(samples_from_table(old).x, s.x)
 
 
 def test_batch_from_sliced_table_equals_subset(digits):

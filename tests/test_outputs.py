@@ -116,3 +116,22 @@ def test_find_issues_cli_with_a_given_model(finished, tmp_path):
     assert sorted(p.name for p in fresh.iterdir() if p.is_dir()) == ["attribution", "data", "initial", "partition"]
     assert not (fresh / "report.json").exists()
     assert "model.checkpoint" in done.stdout.splitlines()[3]  # the summary says the model is given
+
+
+def test_every_folder_reads_whole_with_pandas(finished):
+    import pandas as pd
+
+    from raypipe import layout
+    from raypipe.layout import RunLayout
+
+    out, _ = finished
+    run = RunLayout(str(out))
+    data, partition = run.stage("data"), run.stage("partition")
+    rows = {"train": 1258, "val": 180, "test": 359}
+    for split, n in rows.items():
+        frame = pd.read_parquet(layout.split_dir(data, split))
+        assert len(frame) == n and frame["sample_id"].is_unique, split
+        assert np.asarray(frame["x"].iloc[0]).size == 64  # one array per row (the 8x8 image)
+    for folder in (layout.partition_dir(partition), layout.label_issues_dir(partition), layout.signals_dir(partition)):
+        frame = pd.read_parquet(folder)
+        assert len(frame) == rows["train"] and frame["sample_id"].is_unique, folder

@@ -122,7 +122,7 @@ def suggestion_candidates(cols: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 
 def write_split(out_uri, names, lengths, cols, p_noisy, is_clean, score, signals: dict[str, np.ndarray]) -> None:
-    """Partition shards (one per attribution shard, `lengths` rows each) and label_issues.parquet: every training
+    """Partition shards (one per attribution shard, `lengths` rows each) and the label issues table: every training
     sample in Datalab's shape, most suspect first (`raypipe.core.detection.issues`)."""
     truth = {k: cols[k] for k in ("true_label", "is_corrupted") if k in cols}
     issues = label_issues_table(
