@@ -28,32 +28,32 @@ ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
+def _settings_arguments(parser: argparse.ArgumentParser, config_help: str, example: str) -> None:
+    """--config FILE, section.key=value overrides and a job's own defaults (hidden): every command takes them."""
+    parser.add_argument("--config", default=None, help=config_help)
+    parser.add_argument("overrides", nargs="*", help=f"section.key=value settings, e.g. {example}")
+    parser.add_argument("--default", action="append", default=[], help=argparse.SUPPRESS)  # a job's own defaults
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raypipe", description="Repair a model trained on noisy data (RLAP).")
     parser.add_argument("--version", action="version", version=f"raypipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    out_help = "run directory: a local path, s3://... or gs://..."
     run = sub.add_parser("run", help="run (or resume) the RLAP pipeline")
-    run.add_argument("--out", required=True, help="run directory: a local path, s3://... or gs://...")
-    run.add_argument("--config", default=None, help="YAML config file (defaults: raypipe/config/schema.py)")
+    run.add_argument("--out", required=True, help=out_help)
     run.add_argument("--from", dest="from_stage", default=None, help="rerun this stage and everything after it")
-    run.add_argument("overrides", nargs="*", help="section.key=value settings, e.g. noise.rate=0.4")
-    run.add_argument("--default", action="append", default=[], help=argparse.SUPPRESS)  # a job's own defaults
+    _settings_arguments(run, "YAML config file (defaults: raypipe/config/schema.py)", "noise.rate=0.4")
     sweep = sub.add_parser("sweep", help="Ray Tune search over tau, prune fraction, rule, route, lr, epochs (resumes)")
     sweep.add_argument("--out", required=True, help="sweep directory: a local path, s3://... or gs://...")
-    sweep.add_argument("--config", default=None, help="YAML config file with a `sweep:` section")
-    sweep.add_argument("overrides", nargs="*", help="section.key=value settings, e.g. sweep.num_samples=8")
-    sweep.add_argument("--default", action="append", default=[], help=argparse.SUPPRESS)
+    _settings_arguments(sweep, "YAML config file with a `sweep:` section", "sweep.num_samples=8")
     find = sub.add_parser("find-issues", help="detection alone: data, initial (or --model), attribution, partition")
-    find.add_argument("--out", required=True, help="run directory: a local path, s3://... or gs://...")
+    find.add_argument("--out", required=True, help=out_help)
     find.add_argument("--model", default=None, help="a raypipe model.pt to inspect instead of training one")
-    find.add_argument("--config", default=None, help="YAML config file")
-    find.add_argument("overrides", nargs="*", help="section.key=value settings, e.g. data.source=parquet")
-    find.add_argument("--default", action="append", default=[], help=argparse.SUPPRESS)
+    _settings_arguments(find, "YAML config file", "data.source=parquet")
     config = sub.add_parser("config", help="print the resolved config (defaults, --config, overrides); runs nothing")
-    config.add_argument("--config", default=None, help="YAML config file")
     config.add_argument("--sweep", action="store_true", help="resolve a sweep's config (with its `sweep:` section)")
-    config.add_argument("overrides", nargs="*", help="section.key=value settings")
-    config.add_argument("--default", action="append", default=[], help=argparse.SUPPRESS)
+    _settings_arguments(config, "YAML config file", "noise.rate=0.4")
     return parser
 
 
