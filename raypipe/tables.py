@@ -28,7 +28,7 @@ def column_to_arrow(values: np.ndarray) -> pa.Array:
 
 def row_width(tp: pa.DataType) -> int:
     """The number of values in each row of a tensor (or fixed_size_list) column of type `tp`."""
-    if isinstance(tp, pa.ExtensionType):
+    if isinstance(tp, pa.BaseExtensionType):  # a fixed-shape tensor: its storage is the fixed_size_list
         tp = tp.storage_type
     return tp.list_size
 

@@ -560,3 +560,13 @@ def test_batch_from_sliced_table_equals_subset(digits):
             assert np.array_equal(batch[key], getattr(expected, key)), (start, key)
     with pytest.raises(DataError, match="no sample_shape / num_classes metadata"):
         samples_from_table(chunked)
+
+
+def test_tensor_columns_round_trip_and_name_their_width():
+    from raypipe.tables import column_from_arrow, column_to_arrow, row_width
+
+    values = np.arange(24, dtype=np.float32).reshape(4, 6)
+    column = column_to_arrow(values)
+    assert column.type == pa.fixed_shape_tensor(pa.float32(), [6]) and row_width(column.type) == 6
+    np.testing.assert_array_equal(column_from_arrow(pa.chunked_array([column.slice(0, 2), column.slice(2)])), values)
+    assert row_width(pa.list_(pa.float32(), 3)) == 3  # the earlier fixed_size_list columns

@@ -104,7 +104,7 @@ def test_find_label_issues_runs_the_detection_stages_only_and_reuses_a_run(finis
     for stage in ("data", "initial", "attribution", "partition"):
         assert f"[{stage}] up to date, skipped" in logs, logs
     assert not any(line.startswith(("[prune]", "[f_ft]", "[report]")) for line in logs)
-    pd.testing.assert_frame_equal(issues, pd.read_parquet(again / "partition" / "label_issues.parquet"))
+    pd.testing.assert_frame_equal(issues, pd.read_parquet(again / "partition" / "issues"))
 
 
 def test_find_issues_cli_with_a_given_model(finished, tmp_path):

@@ -120,7 +120,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Routes (test split; last epoch)",
         "",
-        f"Every accuracy below is measured against {report['accuracy_measured_against']}.",
+        f"Every accuracy below is measured against {report.get('accuracy_measured_against', 'the test labels')}.",
         "",
         "| metric | " + " | ".join(ROUTE_TITLES[c] for c in cols) + " |",
         "|---|" + "---|" * len(cols),
