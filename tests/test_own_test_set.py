@@ -94,3 +94,15 @@ def test_a_missing_test_table_is_named_by_its_key(tmp_path):
     cfg = DataConfig(source="parquet", path=str(train_path), test_path=str(tmp_path / "nope.parquet"))
     with pytest.raises(DataError, match="data.test_path"):
         load_splits(cfg)
+
+
+def test_a_missing_local_test_table_stops_the_cli_before_any_work(tmp_path, capsys):
+    from raypipe.cli import main
+
+    train_path, _ = _table(tmp_path / "train.parquet", 30, 0)
+    out = tmp_path / "run"
+    argv = ["run", "--out", str(out), "data.source=parquet", f"data.path={train_path}", "data.test_path=/no/test"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config key 'data.test_path': '/no/test' does not exist") and err.count("\n") == 1
+    assert not out.exists()
