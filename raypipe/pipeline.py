@@ -39,8 +39,10 @@ from raypipe.data import input_files
 from raypipe.errors import ConfigError, DamagedFileError, RaypipeError
 from raypipe.layout import RunLayout
 from raypipe.preflight import check_against_data
+from raypipe.report.report import remove_report
 from raypipe.stages import Executor, attribution, partition, prune
 from raypipe.stages import data as data_stage
+from raypipe.stages.signals import early_model_epoch, missing_signals, records_trajectory
 from raypipe.stages.train import TrainRequest
 from raypipe.training.checkpoint import load_model, save_model
 from raypipe.training.loop import evaluate, resolve_device
@@ -75,19 +77,6 @@ def _data_settings(cfg: Config) -> dict[str, Any]:
         "noise": _asdict(cfg.noise),
         "files": storage.files_fingerprint(input_files(cfg.data)),
     }
-
-
-def records_trajectory(cfg: Config) -> bool:
-    """The training trajectory is a detection signal when raypipe trains the initial model itself. It is
-    recorded whatever detection.signal says, so that changing the signal reruns only the partition."""
-    return cfg.detection.aum_epochs > 0 and cfg.model.checkpoint is None
-
-
-def early_model_epoch(cfg: Config) -> int:
-    """The epoch whose initial model is kept as ``early_model.pt`` (its probe space is a detection signal's):
-    detection.early_epoch when raypipe trains the initial model for more epochs than that, else 0 (none)."""
-    trains = cfg.model.checkpoint is None and cfg.detection.early_epoch < cfg.initial.epochs
-    return cfg.detection.early_epoch if trains else 0
 
 
 def train_request(r: Run, route: str, out_uri: str) -> TrainRequest:
@@ -156,24 +145,6 @@ def _attribution(r: Run, uri: str) -> dict[str, Any]:
     rows = r.executor.attribute(spec, jobs)
     probe_columns = ["probe", *(f"probe_{name}" for name in probe_models)]
     return {"rule": rule, "rows": data["rows"]["train"], "rows_computed": rows, "probe_columns": probe_columns}
-
-
-def missing_signals(cfg: Config) -> dict[str, str]:
-    """The detection signals this run cannot have, and why (the report says so)."""
-    missing = {}
-    if cfg.model.checkpoint is not None:
-        why = "model.checkpoint is given: raypipe did not train it, so it has no"
-        missing["trajectory"] = f"{why} training trajectory (aum, early_loss, wrong_events)"
-        missing["knn_early"] = f"{why} early checkpoint"
-    else:
-        if cfg.detection.aum_epochs == 0:
-            missing["trajectory"] = "detection.aum_epochs=0: no training trajectory recorded"
-        if not early_model_epoch(cfg):
-            missing["knn_early"] = (
-                f"no early checkpoint (detection.early_epoch={cfg.detection.early_epoch}, "
-                f"initial.epochs={cfg.initial.epochs})"
-            )
-    return missing
 
 
 def _partition(r: Run, uri: str) -> dict[str, Any]:
@@ -409,19 +380,6 @@ def stage_fingerprint(settings: Any, input_fps: dict[str, str], revision: int = 
 def check_from(from_stage: str | None) -> None:
     if from_stage is not None and from_stage not in STAGE_NAMES:
         raise ConfigError(f"--from '{from_stage}' is not a stage; use one of {list(STAGE_NAMES)}")
-
-
-def remove_report(run_layout: RunLayout, log=print) -> None:
-    """The report of a run whose stages are about to change would look current while they do (and after a
-    failure): removed before the first stage is computed; the run writes a new one when it finishes."""
-    old = storage.read_json_or_none(run_layout.report_json)
-    plots = old.get("plots", []) if isinstance(old, dict) else []
-    stale = [run_layout.report_json, run_layout.report_md, *(storage.join(run_layout.root, p) for p in plots)]
-    found = [uri for uri in stale if storage.exists(uri)]
-    for uri in found:
-        storage.remove_tree(uri)
-    if found:
-        log("[run] a stage is computed again: removed the report of the previous results")
 
 
 def _run_together(run_stage: Callable[[Stage], Any], stages: list[Stage]) -> None:

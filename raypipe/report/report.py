@@ -209,3 +209,16 @@ def write_report(run_layout: RunLayout, config: Config, manifests: dict[str, dic
     for warning in report["warnings"]:
         log(f"[report] warning: {warning}")
     return report
+
+
+def remove_report(run_layout: RunLayout, log=print) -> None:
+    """The report of a run whose stages are about to change would look current while they do (and after a
+    failure): removed before the first stage is computed; the run writes a new one when it finishes."""
+    old = storage.read_json_or_none(run_layout.report_json)
+    plots = old.get("plots", []) if isinstance(old, dict) else []
+    stale = [run_layout.report_json, run_layout.report_md, *(storage.join(run_layout.root, p) for p in plots)]
+    found = [uri for uri in stale if storage.exists(uri)]
+    for uri in found:
+        storage.remove_tree(uri)
+    if found:
+        log("[run] a stage is computed again: removed the report of the previous results")

@@ -5,6 +5,7 @@
   per-class principal directions of the final probe space (FINE);
 - `signal_shard`: one attribution shard -> its signals (scalars and two neighbour labels per sample);
 - `read_trajectory`: the training trajectory's signals, aligned to the samples.
+- `records_trajectory`, `early_model_epoch`, `missing_signals`: which signals a run can have, from its settings.
 
 Output columns of a signals shard: sample_id, label, pred_label, loss, p_attribution, and per probe space
 `<space>_agreement`, `<space>_suggested`, `<space>_counts` [C] (knn, knn_early), `fine_alignment`.
@@ -18,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from raypipe import storage
-from raypipe.config import DetectionConfig
+from raypipe.config import Config, DetectionConfig
 from raypipe.core.detection import KnnIndex
 from raypipe.core.detection.fine import ClassGram, alignment
 from raypipe.core.mixture import MixtureFit
@@ -26,6 +27,40 @@ from raypipe.tables import columns_from_table, table_from_columns
 
 # kNN signal name -> the attribution column holding its probe space.
 PROBE_COLUMNS = {"knn": "probe", "knn_early": "probe_early"}
+
+
+# Which signals a run can have, from its settings alone (the stage table asks before any work).
+
+
+def records_trajectory(cfg: Config) -> bool:
+    """The training trajectory is a detection signal when raypipe trains the initial model itself. It is
+    recorded whatever detection.signal says, so that changing the signal reruns only the partition."""
+    return cfg.detection.aum_epochs > 0 and cfg.model.checkpoint is None
+
+
+def early_model_epoch(cfg: Config) -> int:
+    """The epoch whose initial model is kept as ``early_model.pt`` (its probe space is a detection signal's):
+    detection.early_epoch when raypipe trains the initial model for more epochs than that, else 0 (none)."""
+    trains = cfg.model.checkpoint is None and cfg.detection.early_epoch < cfg.initial.epochs
+    return cfg.detection.early_epoch if trains else 0
+
+
+def missing_signals(cfg: Config) -> dict[str, str]:
+    """The detection signals this run cannot have, and why (the report says so)."""
+    missing = {}
+    if cfg.model.checkpoint is not None:
+        why = "model.checkpoint is given: raypipe did not train it, so it has no"
+        missing["trajectory"] = f"{why} training trajectory (aum, early_loss, wrong_events)"
+        missing["knn_early"] = f"{why} early checkpoint"
+    else:
+        if cfg.detection.aum_epochs == 0:
+            missing["trajectory"] = "detection.aum_epochs=0: no training trajectory recorded"
+        if not early_model_epoch(cfg):
+            missing["knn_early"] = (
+                f"no early checkpoint (detection.early_epoch={cfg.detection.early_epoch}, "
+                f"initial.epochs={cfg.initial.epochs})"
+            )
+    return missing
 
 
 def sample_shard(uri: str, keep_probability: float, seed: int) -> dict[str, np.ndarray]:
