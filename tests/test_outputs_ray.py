@@ -1,28 +1,52 @@
-"""A finished run read exactly as a user would with Ray Data: each folder of the run is one data set, and
-tensor columns arrive as [n, *shape] float32 batches. (The pandas side is in test_outputs.py.)"""
+"""A run on Ray through the real CLI, its console, and the finished run read exactly as a user would with Ray
+Data: each folder of the run is one data set, and tensor columns arrive as [n, *shape] float32 batches. (The
+pandas side and the local console are in test_outputs.py.)"""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-import raypipe
 from raypipe import layout, storage
-from raypipe.config import load_config
 from raypipe.layout import RunLayout
 
 pytestmark = [pytest.mark.ray]
 
-# Two training shards, so that a folder holds several files; the local executor: Ray only reads here.
-SMALL = ["data.shard_rows=700", "initial.epochs=3", "f_ft.epochs=1", "run.routes=[f_ft]", "run.device=cpu"]
+# Two training shards, so that a folder holds several files; two Ray Train workers a route.
+SMALL = ["data.shard_rows=700", "initial.epochs=3", "f_ft.epochs=2", "run.routes=[f_ft]", "run.device=cpu"]
+ON_RAY = ["run.executor=ray", "ray.num_workers=2"]
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def console_and_run(tmp_path_factory, ray_cluster):
     out = str(tmp_path_factory.mktemp("ray_outputs") / "run")
-    raypipe.run(load_config(None, SMALL), out, log=lambda *_: None)
-    return RunLayout(out)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    argv = ["run", "--out", out, *SMALL, *ON_RAY, f"ray.address={ray_cluster}"]
+    done = subprocess.run(
+        [sys.executable, "-m", "raypipe.cli", *argv], capture_output=True, text=True, env=env, cwd=REPO, timeout=900
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return done.stdout + done.stderr, RunLayout(out)
+
+
+@pytest.fixture(scope="module")
+def finished(console_and_run):
+    return console_and_run[1]
+
+
+def test_the_ray_console_shows_each_epoch_once_and_no_train_reports(console_and_run):
+    console, _ = console_and_run
+    for route, epochs in (("initial", 3), ("f_ft", 2)):
+        for epoch in range(1, epochs + 1):
+            assert console.count(f"[{route}] epoch {epoch}/{epochs} loss ") == 1, (route, epoch, console)
+    assert "Reporting training result" not in console
 
 
 def _folders(run: RunLayout) -> dict[str, tuple[str, int]]:

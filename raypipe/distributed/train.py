@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -88,6 +89,13 @@ def quiet_train_reports() -> None:
         logging.getLogger(train_context.__file__).setLevel(logging.WARNING)  # Ray names that logger by its file
 
 
+def _console(line: str) -> None:
+    """One line to this worker's stdout, which Ray forwards to the driver. Not `print`: Ray Train patches it to
+    log every line once more (each per-epoch line would show twice)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: its place among the ranks, then the one loop."""
     quiet_train_reports()
@@ -102,7 +110,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report(metrics)
 
     device = ray.train.torch.get_device()
-    worker = Worker(device, rank, world, ray.train.torch.prepare_model, _gather if world > 1 else None, report)
+    wrap, gather = ray.train.torch.prepare_model, _gather if world > 1 else None
+    worker = Worker(device, rank, world, wrap, gather, report, log=_console)
     try:
         run_worker(request, worker, config["cpus_per_worker"])
     except TrainingDiverged as e:  # every rank stops at the same epoch; a restarted group would diverge again
