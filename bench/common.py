@@ -417,9 +417,12 @@ def write_truth_partition(data_uri: str, out_uri: str) -> None:
     tables = [storage.read_table(uri, columns=columns) for uri in train_shards(data_uri)]
     cols = columns_from_table(pa.concat_tables(tables))
     cols["pred_label"] = cols["label"]  # no model predicted anything here
+    cols["best_other_label"] = cols["true_label"]  # the suggestion for a flagged (truly corrupted) sample
+    cols["loss"] = np.zeros(len(cols["label"]), dtype=np.float32)
     p_noisy = cols["is_corrupted"].astype(np.float32)
     names = [shard_name(i) for i in range(len(tables))]
-    write_split(out_uri, names, [t.num_rows for t in tables], cols, p_noisy, p_noisy < 0.5, "ground truth")
+    lengths = [t.num_rows for t in tables]
+    write_split(out_uri, names, lengths, cols, p_noisy, p_noisy < 0.5, p_noisy, {"ground_truth": p_noisy})
 
 
 def oracle(cfg: Config, base: Path, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:

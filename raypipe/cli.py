@@ -1,7 +1,10 @@
-"""`raypipe run` / `raypipe sweep`: log the config, build, run, clean up.
+"""`raypipe run` / `raypipe sweep` / `raypipe config`: resolve the config, run, clean up.
 
 raypipe run --out runs/digits [--config jobs/configs/digits.yaml] [noise.rate=0.4 ...]
 raypipe sweep --out runs/digits-sweep [--config jobs/configs/digits_sweep.yaml] [sweep.num_samples=8 ...]
+raypipe find-issues --out runs/x [--model model.pt] [--config FILE.yaml] [...]   (detection alone)
+raypipe config [--sweep] [--config FILE.yaml] [noise.rate=0.4 ...]   (prints the resolved config, runs nothing)
+raypipe --version
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import os
 import sys
 
+from raypipe import __version__
 from raypipe.config import dump_config, load_config
 from raypipe.errors import user_error
 
@@ -24,20 +28,32 @@ ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
+def _settings_arguments(parser: argparse.ArgumentParser, config_help: str, example: str) -> None:
+    """--config FILE, section.key=value overrides and a job's own defaults (hidden): every command takes them."""
+    parser.add_argument("--config", default=None, help=config_help)
+    parser.add_argument("overrides", nargs="*", help=f"section.key=value settings, e.g. {example}")
+    parser.add_argument("--default", action="append", default=[], help=argparse.SUPPRESS)  # a job's own defaults
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raypipe", description="Repair a model trained on noisy data (RLAP).")
+    parser.add_argument("--version", action="version", version=f"raypipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    out_help = "run directory: a local path, s3://... or gs://..."
     run = sub.add_parser("run", help="run (or resume) the RLAP pipeline")
-    run.add_argument("--out", required=True, help="run directory: a local path, s3://... or gs://...")
-    run.add_argument("--config", default=None, help="YAML config file (defaults: raypipe/config/schema.py)")
+    run.add_argument("--out", required=True, help=out_help)
     run.add_argument("--from", dest="from_stage", default=None, help="rerun this stage and everything after it")
-    run.add_argument("overrides", nargs="*", help="section.key=value settings, e.g. noise.rate=0.4")
-    run.add_argument("--default", action="append", default=[], help=argparse.SUPPRESS)  # a job's own defaults
+    _settings_arguments(run, "YAML config file (defaults: raypipe/config/schema.py)", "noise.rate=0.4")
     sweep = sub.add_parser("sweep", help="Ray Tune search over tau, prune fraction, rule, route, lr, epochs (resumes)")
     sweep.add_argument("--out", required=True, help="sweep directory: a local path, s3://... or gs://...")
-    sweep.add_argument("--config", default=None, help="YAML config file with a `sweep:` section")
-    sweep.add_argument("overrides", nargs="*", help="section.key=value settings, e.g. sweep.num_samples=8")
-    sweep.add_argument("--default", action="append", default=[], help=argparse.SUPPRESS)
+    _settings_arguments(sweep, "YAML config file with a `sweep:` section", "sweep.num_samples=8")
+    find = sub.add_parser("find-issues", help="detection alone: data, initial (or --model), attribution, partition")
+    find.add_argument("--out", required=True, help=out_help)
+    find.add_argument("--model", default=None, help="a raypipe model.pt to inspect instead of training one")
+    _settings_arguments(find, "YAML config file", "data.source=parquet")
+    config = sub.add_parser("config", help="print the resolved config (defaults, --config, overrides); runs nothing")
+    config.add_argument("--sweep", action="store_true", help="resolve a sweep's config (with its `sweep:` section)")
+    _settings_arguments(config, "YAML config file", "noise.rate=0.4")
     return parser
 
 
@@ -59,11 +75,40 @@ def relative_out_in_job(out: str, environ=os.environ) -> str | None:
     )
 
 
+def summary_lines(config, out: str, command: str = "run") -> list[str]:
+    """A one-screen view of what a run (or sweep) will do; the whole resolved config goes to config.yaml."""
+    from raypipe.data import labels_of_test_split
+
+    data, noise, det = config.data, config.noise, config.detection
+    where = f" '{data.path}'" if data.path else ""
+    noise_text = "no noise injected" if noise.kind == "none" else f"{noise.kind} noise {noise.rate:g} injected"
+    model = f"model.checkpoint '{config.model.checkpoint}'" if config.model.checkpoint else "trained here"
+    epochs = ", ".join(f"{r} {config.section(r).epochs}" for r in ("initial", *config.run.routes))
+    lines = [
+        f"raypipe {__version__} {command} -> {out} (every setting: {out.rstrip('/')}/config.yaml)",
+        f"  data       {data.source}{where}, {noise_text}",
+        f"  test       {labels_of_test_split(data)}",
+        f"  model      {config.model.name}, initial {model}; epochs: {epochs}",
+        f"  detection  signal {det.signal}, decision {det.decision}, tau {config.partition.tau:g}, "
+        f"attribution {config.attribution.rule}; prune {config.prune.fraction:g} of the probe neurons",
+        f"  runs on    {config.run.executor} (device {config.run.device}), seed {config.run.seed}",
+    ]
+    sweep = getattr(config, "sweep", None)
+    if sweep is not None:
+        lines.append(
+            f"  sweep      {sweep.num_samples or 'every'} trials over tau {sweep.tau}, prune {sweep.prune_fraction}, "
+            f"rules {sweep.rules}, routes {sweep.routes}, lr {sweep.lr}; objective {sweep.objective}"
+        )
+    return lines
+
+
 def run_command(args: argparse.Namespace) -> int:
     from raypipe.api import run
+    from raypipe.pipeline import check_from
 
+    check_from(args.from_stage)  # before anything is printed or written
     config = load_config(args.config, args.overrides, args.default)
-    print("raypipe config:\n" + dump_config(config), flush=True)
+    print("\n".join(summary_lines(config, args.out)), flush=True)
     run(config, args.out, from_stage=args.from_stage)
     return 0
 
@@ -73,8 +118,37 @@ def sweep_command(args: argparse.Namespace) -> int:
     from raypipe.sweep import load_sweep_config
 
     config = load_sweep_config(args.config, args.overrides, args.default)
-    print("raypipe config:\n" + dump_config(config), flush=True)
+    print("\n".join(summary_lines(config, args.out, "sweep")), flush=True)
     run_sweep(config, args.out)
+    return 0
+
+
+def find_issues_command(args: argparse.Namespace) -> int:
+    from raypipe import layout
+    from raypipe.api import find_label_issues
+    from raypipe.layout import RunLayout
+
+    given = [f"model.checkpoint={args.model}"] if args.model else []
+    config = load_config(args.config, [*args.overrides, *given], args.default)
+    print("\n".join(summary_lines(config, args.out, "find-issues")), flush=True)
+    issues = find_label_issues(config, args.out)
+    where = layout.label_issues_file(RunLayout(args.out).stage("partition"))
+    flagged = issues[issues["is_label_issue"]]
+    print(f"[find-issues] {len(flagged)} of {len(issues)} training samples flagged; every row: {where}")
+    shown = ["sample_id", "label_score", "given_label", "suggested_label", "p_noisy"]
+    if len(flagged):
+        print("most suspect:\n" + flagged[shown].head(10).to_string(index=False), flush=True)
+    return 0
+
+
+def config_command(args: argparse.Namespace) -> int:
+    if args.sweep:
+        from raypipe.sweep import load_sweep_config
+
+        config = load_sweep_config(args.config, args.overrides, args.default)
+    else:
+        config = load_config(args.config, args.overrides, args.default)
+    print(dump_config(config), end="", flush=True)
     return 0
 
 
@@ -84,7 +158,7 @@ def _error(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    error = relative_out_in_job(args.out)
+    error = relative_out_in_job(args.out) if hasattr(args, "out") else None
     if error:
         _error(error)
         return 2
@@ -93,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_command(args)
         if args.command == "sweep":
             return sweep_command(args)
+        if args.command == "config":
+            return config_command(args)
+        if args.command == "find-issues":
+            return find_issues_command(args)
     except KeyboardInterrupt:
         _error(
             "interrupted (Ctrl-C); finished stages are kept and nothing unfinished counts as done: "

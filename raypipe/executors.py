@@ -4,12 +4,22 @@ GPUs) and on Ray Train. `raypipe.api.make_executor` picks one from ``run.executo
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from raypipe.stages.attribution import AttributionPass
 from raypipe.stages.train import TrainRequest, train_local
+
+
+def progress_bar(total: int, desc: str):
+    """A tqdm bar on stderr for `total` (> 1) items when stderr is a terminal, else None."""
+    if total <= 1 or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"  {desc}", unit="shard", leave=False, file=sys.stderr)
 
 
 class LocalExecutor:
@@ -24,14 +34,21 @@ class LocalExecutor:
         self.report = report
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], desc: str = "") -> list[Any]:
+        """fn over items, in order. Several items: a progress bar on a terminal, else a line about every 5 s
+        (a log file gets no bar redraws); one line when done."""
         items = list(items)
         out, start, last = [], time.perf_counter(), 0.0
+        bar = progress_bar(len(items), desc)
         for i, item in enumerate(items):
             out.append(fn(item))
             now = time.perf_counter() - start
-            if len(items) > 1 and (now - last > 5 or i + 1 == len(items)):
+            if bar is not None:
+                bar.update(1)
+            if len(items) > 1 and ((bar is None and now - last > 5) or i + 1 == len(items)):
                 self.log(f"  {desc}: {i + 1}/{len(items)} shards ({now:.1f} s)")
                 last = now
+        if bar is not None:
+            bar.close()
         return out
 
     def attribute(self, spec: AttributionPass, jobs: list[tuple[str, str]]) -> int:

@@ -7,15 +7,21 @@ its ``_manifest.json``, plus the run's own files::
     <run>/_lock.json                       the run writing here now (pid, host, start), while it runs
     <run>/report.json, report.md, plots/   the report and its pictures
     <run>/data/train/part-NNNNN.parquet    training shards (the unit of parallel, resumable work)
-    <run>/data/val.parquet, test.parquet
+    <run>/data/val/part-00000.parquet, data/test/part-00000.parquet
     <run>/initial/model.pt                 the model to repair (+ trajectory/, early_model.pt when raypipe trained it)
     <run>/attribution/part-NNNNN.parquet   one row per training sample, aligned with the data shards
     <run>/attribution/features/part-NNNNN.parquet   the backbone's features (the head's input), kept
                                            when L-FT will train the head on them
-    <run>/partition/part-NNNNN.parquet     p_noisy, is_clean, suggested label, aligned likewise
-    <run>/partition/signals/, label_issues.parquet, mixture.json
+    <run>/partition/split/part-NNNNN.parquet   p_noisy, is_clean, suggested label, aligned likewise
+    <run>/partition/signals/part-NNNNN.parquet every detection signal per sample, aligned likewise
+    <run>/partition/issues/part-00000.parquet  the label issues table (every training sample, most suspect first)
+    <run>/partition/mixture.json
     <run>/prune/model.pt, neurons.json
     <run>/<route>/model.pt                 l_ft, f_ft, retrain (checkpoint.pt while training)
+
+Every folder of Parquet files holds one data set (one schema, one row per sample): `pandas.read_parquet(folder)`
+and `ray.data.read_parquet(folder)` read it whole; JSON files sit beside those folders, never in them.
+(`attribution/` holds its shards and, in ``features/``, the backbone's features: read the shards by file.)
 
 A sweep directory holds the stages every trial shares once (``base/``), one attribution per rule,
 and a run directory per trial whose upstream stages are those shared folders (see `SweepLayout`).
@@ -48,13 +54,22 @@ def shard_name(index: int) -> str:
 # Files inside a stage folder (each function takes the stage's folder URI).
 
 
+# Bumped when folders move: a stage finished under another layout is computed again (its fingerprint differs).
+LAYOUT_VERSION = 2
+
+
+def split_dir(data_uri: str, split: str) -> str:
+    """The folder of one split of the data stage: `train` (its shards), `val` or `test` (one file each)."""
+    return join(data_uri, split)
+
+
 def train_dir(data_uri: str) -> str:
-    return join(data_uri, "train")
+    return split_dir(data_uri, "train")
 
 
 def split_file(data_uri: str, split: str) -> str:
-    """`val` or `test` split of the data stage."""
-    return join(data_uri, f"{split}.parquet")
+    """The one file of the `val` or `test` split of the data stage."""
+    return join(split_dir(data_uri, split), shard_name(0))
 
 
 def model_file(stage_uri: str) -> str:
@@ -104,8 +119,17 @@ def signals_dir(partition_uri: str) -> str:
     return join(partition_uri, "signals")
 
 
+def partition_dir(partition_uri: str) -> str:
+    """The partition's per-sample shards (p_noisy, is_clean, ...), named like the attribution shards."""
+    return join(partition_uri, "split")
+
+
+def label_issues_dir(partition_uri: str) -> str:
+    return join(partition_uri, "issues")
+
+
 def label_issues_file(partition_uri: str) -> str:
-    return join(partition_uri, "label_issues.parquet")
+    return join(label_issues_dir(partition_uri), shard_name(0))
 
 
 def mixture_file(partition_uri: str) -> str:

@@ -72,6 +72,7 @@ def _data(r: Run, uri: str) -> dict[str, Any]:
 def _data_settings(cfg: Config) -> dict[str, Any]:
     """The data's settings and what its input files hold now (size, time, hash or object version)."""
     return {
+        "layout": layout.LAYOUT_VERSION,  # a data stage written under another layout is computed again
         "data": _asdict(cfg.data),
         "noise": _asdict(cfg.noise),
         "files": storage.files_fingerprint(input_files(cfg.data)),
@@ -161,6 +162,7 @@ def _partition(r: Run, uri: str) -> dict[str, Any]:
         r.log,
         tuple(r.summary("attribution").get("probe_columns", ["probe"])),
         missing_signals(cfg),
+        truth_known=data.get("ground_truth", "") is not None,  # older data stages: injected noise, known
     )
 
 
@@ -207,6 +209,7 @@ STAGES: tuple[Stage, ...] = (
     *(_route(route) for route in REPAIR_ROUTES),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
+DETECTION_STAGES = ("data", "initial", "attribution", "partition")  # `raypipe find-issues`: up to the label issues
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,10 +405,17 @@ def _run_together(run_stage: Callable[[Stage], Any], stages: list[Stage]) -> Non
         raise failures[0]
 
 
-def run(config: Config, run_uri: str, executor: Executor, from_stage: str | None = None, log=print) -> Run:
-    """Run (or resume) every stage of `config` under `run_uri` -> the finished Run (its manifests)."""
+def run(
+    config: Config,
+    run_uri: str,
+    executor: Executor,
+    from_stage: str | None = None,
+    log=print,
+    stages: Iterable[str] | None = None,
+) -> Run:
+    """Run (or resume) every stage of `config` (or those in `stages`) under `run_uri` -> the finished Run."""
     run_layout = RunLayout(storage.absolute(run_uri))  # every stage, wherever it runs, writes under one place
     r = Run(config, run_layout, executor, log, from_stage)  # checks from_stage before anything is written
     storage.makedirs(run_layout.root)
     storage.write_bytes(run_layout.config_file, dump_config(config).encode())
-    return r.run()
+    return r.run(stages)

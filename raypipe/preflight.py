@@ -43,6 +43,7 @@ def preflight(config: Config, out: str, stage_names: tuple[str, ...] = (), sweep
     if config.run.executor == "ray" or sweep:  # a sweep always runs on Ray
         check_reachable(config.ray.address or os.environ.get("RAY_ADDRESS"))
     check_output_folder(out, stage_names)
+    check_test_table(config.data.test_path)
     check_inputs_outside(config, out, stage_names)
     if config.model.checkpoint is not None:
         check_given_checkpoint(config)
@@ -172,11 +173,21 @@ def check_output_folder(out: str, stage_names: tuple[str, ...] = ()) -> None:
             )
 
 
+def check_test_table(path: str | None) -> None:
+    """A local data.test_path exists (an object-store one is read, and named if missing, by the data stage)."""
+    if path is not None and "://" not in path and not os.path.exists(os.path.expanduser(path)):
+        raise ConfigError(
+            f"config key 'data.test_path': '{path}' does not exist; point it at the Parquet file or folder of your "
+            "test table, or unset it to cut a test split from data.path"
+        )
+
+
 def check_inputs_outside(config: Config, out: str, stage_names: tuple[str, ...]) -> None:
     """No input may lie inside a stage folder of `out`: a rerun clears those folders."""
     if "://" in out:
         return
-    inputs = {"data.path": config.data.path, "model.checkpoint": config.model.checkpoint}
+    inputs = {"data.path": config.data.path, "data.test_path": config.data.test_path}
+    inputs["model.checkpoint"] = config.model.checkpoint
     sweep = getattr(config, "sweep", None)
     if sweep is not None:
         inputs["sweep.trusted_path"] = sweep.trusted_path

@@ -323,6 +323,16 @@ def setting_the_source_does_not_use(d: Path) -> Case:
     return Case(["data.shape=[1,8,8]"], ["'data.shape'", "used only by data.source=parquet"], None)
 
 
+def missing_test_table(d: Path) -> Case:
+    path = _parquet(d / "t.parquet", {"image": _image_rows(20), "label": [0, 1] * 10})
+    overrides = [*QUICK, "data.source=parquet", f"data.path={path}", "data.test_path=/no/test"]
+    return Case(overrides, ["'data.test_path'", "'/no/test' does not exist"], None)
+
+
+def a_test_table_away_from_parquet(d: Path) -> Case:
+    return Case(["data.test_path=/t.parquet"], ["'data.test_path'", "read only with data.source=parquet"], None)
+
+
 def path_for_a_built_in_source(d: Path) -> Case:
     return Case([f"data.path={d}"], ["'data.path'", "digits is built in"], None)
 
@@ -457,6 +467,8 @@ CASES = [
     negative_seed,
     prune_every_neuron,
     setting_the_source_does_not_use,
+    missing_test_table,
+    a_test_table_away_from_parquet,
     path_for_a_built_in_source,
     pairs_the_source_does_not_have,
     trajectory_of_a_given_model,

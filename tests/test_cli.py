@@ -103,3 +103,39 @@ def test_main_refuses_a_relative_out_in_a_submitted_job(monkeypatch, tmp_path, c
     err = capsys.readouterr().err
     assert err.startswith("error: --out 'runs/rel' is a relative path") and err.count("\n") == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_version(capsys):
+    import raypipe
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"raypipe {raypipe.__version__}"
+
+
+def test_config_prints_the_resolved_config_and_runs_nothing(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["config", "noise.rate=0.25", "model.name=cnn_small"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["noise"]["rate"] == 0.25 and printed["model"]["name"] == "cnn_small"
+    assert printed["initial"]["epochs"] == 60  # a default, resolved
+    assert "sweep" not in printed
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert main(["config", "--sweep", "sweep.num_samples=3"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["sweep"]["num_samples"] == 3
+
+
+def test_config_refuses_a_bad_key_like_run(capsys):
+    _fails_with_one_error_line(capsys, ["config", "noise.rat=0.1"], "'noise.rat'")
+
+
+def test_bad_from_is_refused_before_anything_is_printed_or_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["run", "--out", str(out), "--from", "bogus"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert "'bogus' is not a stage" in captured.err
+    assert not out.exists()

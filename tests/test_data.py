@@ -523,7 +523,7 @@ def _noisy_train(digits) -> SampleSet:
 def test_table_round_trip_exact(digits, tmp_path):
     s = _noisy_train(digits)
     table = table_from_samples(s)
-    assert table.schema.field("x").type == pa.list_(pa.float32(), 64)
+    assert table.schema.field("x").type == pa.fixed_shape_tensor(pa.float32(), [1, 8, 8])
     assert [table.schema.field(k).type for k in ("sample_id", "label", "true_label", "is_corrupted")] == [
         pa.int64(),
         pa.int64(),
@@ -539,6 +539,14 @@ def test_table_round_trip_exact(digits, tmp_path):
             assert getattr(back, key).dtype == getattr(s, key).dtype, key
 
 
+def test_a_table_of_the_earlier_flat_format_reads_back_the_same(digits):
+    s = _noisy_train(digits)
+    table = table_from_samples(s)
+    flat = pa.FixedSizeListArray.from_arrays(pa.array(s.x.reshape(-1)), 64)
+    old = table.set_column(1, pa.field("x", pa.list_(pa.float32(), 64)), flat)
+    assert np.array_equal(samples_from_table(old).x, s.x)
+
+
 def test_batch_from_sliced_table_equals_subset(digits):
     s = _noisy_train(digits)
     table = table_from_samples(s)
@@ -552,3 +560,13 @@ def test_batch_from_sliced_table_equals_subset(digits):
             assert np.array_equal(batch[key], getattr(expected, key)), (start, key)
     with pytest.raises(DataError, match="no sample_shape / num_classes metadata"):
         samples_from_table(chunked)
+
+
+def test_tensor_columns_round_trip_and_name_their_width():
+    from raypipe.tables import column_from_arrow, column_to_arrow, row_width
+
+    values = np.arange(24, dtype=np.float32).reshape(4, 6)
+    column = column_to_arrow(values)
+    assert column.type == pa.fixed_shape_tensor(pa.float32(), [6]) and row_width(column.type) == 6
+    np.testing.assert_array_equal(column_from_arrow(pa.chunked_array([column.slice(0, 2), column.slice(2)])), values)
+    assert row_width(pa.list_(pa.float32(), 3)) == 3  # the earlier fixed_size_list columns

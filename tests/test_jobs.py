@@ -204,7 +204,7 @@ def test_cli_submit_runs_the_job_to_success(head, tmp_path):
     ]  # fmt: skip
     result = subprocess.run(submit, env=head.env, capture_output=True, text=True, timeout=1200, cwd=REPO)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    assert "raypipe config:" in result.stdout  # `ray job submit` follows the job's logs
+    assert "(every setting: " in result.stdout  # `ray job submit` follows the job's logs: the summary first
 
     status = subprocess.run(
         [str(BIN / "ray"), "job", "status", "--address", head.address, job_id],
@@ -229,7 +229,7 @@ def test_sdk_logs_then_stop_leaves_nothing_looking_finished(client, tmp_path):
         "the initial route to start training",
         every=2.0,
     )
-    assert "raypipe config:" in logs and "epochs: 100000" in logs  # the resolved config is printed first
+    assert "epochs: initial 100000" in logs  # the summary of the resolved config is printed first
     assert str(client.get_job_status(job_id)) == "RUNNING"
 
     assert client.stop_job(job_id)

@@ -156,9 +156,9 @@ def test_pipeline_runs_on_the_labelled_worker_nodes(cluster, tmp_path):
         assert storage.read_manifest(storage.join(out, stage)) is not None, stage
     n_train = storage.read_manifest(storage.join(out, "data"))["summary"]["rows"]["train"]
     assert n_train == 400
-    for stage in ("attribution", "partition"):
-        ids = _sample_ids(storage.join(out, stage), skip=layout.label_issues_file(storage.join(out, stage)))
-        assert len(ids) == len(np.unique(ids)) == n_train, stage
+    for folder in (storage.join(out, "attribution"), layout.partition_dir(storage.join(out, "partition"))):
+        ids = _sample_ids(folder)
+        assert len(ids) == len(np.unique(ids)) == n_train, folder
     assert set(report["routes"]) == {"initial"}
     assert 0.0 < report["routes"]["initial"]["accuracy"] <= 1.0
     assert storage.read_json(storage.join(out, "report.json"))["routes"].keys() == report["routes"].keys()

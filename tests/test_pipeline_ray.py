@@ -111,8 +111,9 @@ def test_ray_block_sums_equal_single_block(base_run, ray_executor, tmp_path):
     spec = attribute.AttributionPass(RunLayout(base_run).model("initial"), "loss", 64)
     attr_out = str(tmp_path / "attr")
     LocalExecutor(log=lambda *_: None).attribute(spec, attribute.pending_shards(shards, attr_out))
-    # A fake partition aligned with the attribution shards.
+    # A fake partition aligned with the attribution shards, in the folder the partition stage writes them to.
     part_out = str(tmp_path / "part")
+    part_dir = layout.partition_dir(part_out)
     rng = np.random.default_rng(0)
     from raypipe.tables import table_from_columns
 
@@ -120,8 +121,8 @@ def test_ray_block_sums_equal_single_block(base_run, ray_executor, tmp_path):
         ids = columns_from_table(storage.read_table(uri, ["sample_id"]))["sample_id"]
         p_noisy = rng.random(len(ids)).astype(np.float32)
         cols = {"sample_id": ids, "p_noisy": p_noisy, "is_clean": p_noisy < 0.5}
-        storage.write_table(storage.join(part_out, uri.rsplit("/", 1)[-1]), table_from_columns(cols))
-    jobs = [(u, storage.join(part_out, u.rsplit("/", 1)[-1])) for u in storage.list_files(attr_out, ".parquet")]
+        storage.write_table(storage.join(part_dir, uri.rsplit("/", 1)[-1]), table_from_columns(cols))
+    jobs = [(u, storage.join(part_dir, u.rsplit("/", 1)[-1])) for u in storage.list_files(attr_out, ".parquet")]
     parts = ray_executor.map(lambda job: prune.shard_stats(job[0], job[1], "p_noisy"), jobs, "stats")
     assert len(parts) == len(jobs) >= 3
     merged = SufficientStats(256)

@@ -166,13 +166,15 @@ def run_copy(finished, tmp_path) -> Path:
 
 
 def test_truncated_output_is_computed_again_with_every_stage_after_it(run_copy, capsys):
-    shard = run_copy / "partition" / "part-00000.parquet"
+    shard = run_copy / "partition" / "split" / "part-00000.parquet"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     code, lines, err = _run(run_copy, capsys, "f_ft.epochs=2")  # the case: another setting downstream
     assert code == 0, err
     assert _skipped(lines) == ["data", "initial", "attribution"]
     assert _computed(lines) == ["partition", "prune", "f_ft"]
-    assert any("[partition] 'part-00000.parquet' has" in line and "computing the stage again" in line for line in lines)
+    assert any(
+        "[partition] 'split/part-00000.parquet' has" in line and "computing the stage again" in line for line in lines
+    )
     manifest = storage.read_manifest(str(run_copy / "partition"))
     assert manifest["revision"] == 1 and pq.read_metadata(shard).num_rows == 100
     # The next plain rerun finds everything intact and recomputes nothing.
@@ -246,7 +248,7 @@ def test_damaged_file_found_by_a_later_stage_makes_its_stage_unfinished(run_copy
     manifest = json.loads((run_copy / "partition" / "_manifest.json").read_text())
     del manifest["outputs"]
     (run_copy / "partition" / "_manifest.json").write_text(json.dumps(manifest))
-    shard = run_copy / "partition" / "part-00001.parquet"
+    shard = run_copy / "partition" / "split" / "part-00001.parquet"
     shard.write_bytes(shard.read_bytes()[:-40] + b"\0" * 40)
     code, lines, err = _run(run_copy, capsys, "f_ft.epochs=2")
     assert code == 2
@@ -284,7 +286,7 @@ def test_damaged_file_found_in_a_ray_task_is_the_same_one_line(run_copy, capsys,
     manifest = json.loads((run_copy / "partition" / "_manifest.json").read_text())
     del manifest["outputs"]
     (run_copy / "partition" / "_manifest.json").write_text(json.dumps(manifest))
-    shard = run_copy / "partition" / "part-00000.parquet"
+    shard = run_copy / "partition" / "split" / "part-00000.parquet"
     shard.write_bytes(shard.read_bytes()[:-40] + b"\0" * 40)
     code, lines, err = _run(run_copy, capsys, "prune.fraction=0.2", "run.executor=ray")
     assert code == 2

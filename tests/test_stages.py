@@ -146,9 +146,12 @@ def test_partition_signals_on_a_memorized_model(memorized_run, tmp_path, signal)
     else:
         assert det["auroc"] > 0.9 and det["f1"] > 0.8, det
     issues = columns_from_table(storage.read_table(layout.label_issues_file(str(tmp_path / "run" / "partition"))))
-    assert len(issues["sample_id"]) == report["partition"]["n_noisy"]
-    assert np.all(np.diff(issues["p_noisy"]) <= 0)  # most suspect first
-    assert set(issues["flagged_by"]) <= {signal}
+    assert len(issues["sample_id"]) == report["partition"]["n_clean"] + report["partition"]["n_noisy"]  # every row
+    assert issues["is_label_issue"].sum() == report["partition"]["n_noisy"]
+    flagged = issues["is_label_issue"]
+    assert flagged[: flagged.sum()].all()  # the flagged rows first, each group most suspect first
+    assert np.all(np.diff(issues["label_score"][flagged]) > 0) and np.all(np.diff(issues["label_score"][~flagged]) > 0)
+    assert (issues["suggested_label"][flagged] != issues["given_label"][flagged]).all()
 
 
 def test_a_given_model_uses_what_exists_and_the_report_says_so(memorized_run, tmp_path):

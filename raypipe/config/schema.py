@@ -75,6 +75,14 @@ class DataConfig:
     label_column: str = "label"
     shape: list[int] | None = None
     num_classes: int | None = None
+    # parquet source: a separate test table (file, directory or URI; same image column, its labels in
+    # test_label_column, default label_column) whose labels are trusted; without it the test split is cut from
+    # data.path, and its labels are as given (possibly noisy) unless true_label_column names the known true ones.
+    test_path: str | None = None
+    test_label_column: str | None = None
+    # parquet source: a column of known true labels of data.path (e.g. a relabelled benchmark), used only to
+    # score the detection and, for a test split cut from data.path, as the test labels.
+    true_label_column: str | None = None
     # The training split is stored in Parquet shards of this many rows: the unit of parallel,
     # resumable work for attribution, scoring and the sensitivity sums.
     shard_rows: int = 2048
@@ -95,6 +103,22 @@ class DataConfig:
         check_setting(self.shape is None or all(s > 0 for s in self.shape), "data.shape", "every size must be > 0")
         check_setting(self.num_classes is None or self.num_classes >= 2, "data.num_classes", "must be >= 2")
         check_setting(self.shard_rows >= 1, "data.shard_rows", "must be >= 1")
+        for key in ("test_path", "test_label_column", "true_label_column"):
+            check_setting(
+                getattr(self, key) is None or self.source == "parquet",
+                f"data.{key}",
+                f"is read only with data.source=parquet (source is '{self.source}'); unset it",
+            )
+        check_setting(
+            self.test_label_column is None or self.test_path is not None,
+            "data.test_label_column",
+            "names a column of data.test_path, which is not set; set data.test_path=... or unset it",
+        )
+        check_setting(
+            self.true_label_column not in (self.label_column, self.image_column),
+            "data.true_label_column",
+            f"'{self.true_label_column}' is also data.label_column or data.image_column; name the true labels' column",
+        )
 
 
 @dataclass(frozen=True)
@@ -302,6 +326,8 @@ class RayConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """Every setting of a run, one frozen section per stage; build it with `raypipe.load_config` (validated)."""
+
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)

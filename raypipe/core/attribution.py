@@ -96,12 +96,14 @@ def attribute_batch(
         loss = F.cross_entropy(logits, y, reduction="none")
         pred_prob, pred_label = prob.max(dim=1)
         given_prob = prob.gather(1, y.unsqueeze(1)).squeeze(1)
+        best_other = prob.scatter(1, y.unsqueeze(1), -1.0).argmax(dim=1)  # the likeliest class besides the given one
     out = {
         "sample_id": np.asarray(batch["sample_id"], dtype=np.int64),
         "label": y.cpu().numpy(),
         "pred_label": pred_label.cpu().numpy().astype(np.int64),
         "pred_prob": pred_prob.cpu().numpy().astype(np.float32),
         "given_prob": given_prob.cpu().numpy().astype(np.float32),
+        "best_other_label": best_other.cpu().numpy().astype(np.int64),
         "loss": loss.cpu().numpy().astype(np.float32),
         "probe": h.cpu().numpy().astype(np.float32),
         "attribution": attribution.cpu().numpy().astype(np.float32),

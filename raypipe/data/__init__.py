@@ -7,7 +7,7 @@ both call.
 from raypipe.data.handover import batch_from_table, sample_format, samples_from_table, table_from_samples
 from raypipe.data.noise import ASYMMETRIC_PAIRS, apply_noise
 from raypipe.data.samples import SampleSet
-from raypipe.data.sources import input_files, load_splits
+from raypipe.data.sources import input_files, labels_of_test_split, load_splits
 
 __all__ = [
     "ASYMMETRIC_PAIRS",
@@ -16,6 +16,7 @@ __all__ = [
     "batch_from_table",
     "input_files",
     "load_splits",
+    "labels_of_test_split",
     "sample_format",
     "samples_from_table",
     "table_from_samples",

@@ -1,8 +1,9 @@
 """SampleSet <-> Arrow table, the form in which stages hand samples to each other (as Parquet).
 
-The table is columnar and flat (x as fixed_size_list<float32>[prod(sample_shape)]) so Parquet,
-Ray Data and pyarrow all carry it without extension types. The sample shape and class count ride
-in the schema metadata; batches sliced out by Ray Data may lose that metadata, which is why
+The table is columnar, x a fixed-shape tensor column of float32 [*sample_shape] (pyarrow's canonical
+extension type: Ray Data reads it as an [n, *sample_shape] batch, pandas as one array per row; tables
+of earlier versions hold x as a flat fixed_size_list and read back the same). The sample shape and
+class count also ride in the schema metadata; batches sliced out by Ray Data may lose that metadata, which is why
 `batch_from_table` takes the shape explicitly. All conversions are column-wise: no per-row loop.
 """
 
@@ -15,20 +16,19 @@ import pyarrow as pa
 
 from raypipe.data.samples import BATCH_KEYS, SampleSet
 from raypipe.errors import DataError
+from raypipe.tables import tensor_column
 
 SHAPE_KEY = b"sample_shape"
 CLASSES_KEY = b"num_classes"
 
 
 def table_from_samples(s: SampleSet) -> pa.Table:
-    """Columns sample_id int64, x fixed_size_list<float32>[D], label, true_label int64, is_corrupted bool."""
-    n, width = len(s), int(np.prod(s.sample_shape, dtype=np.int64))
-    flat = np.ascontiguousarray(s.x, dtype=np.float32).reshape(n * width)  # [N * D]
-    x = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float32()), width)
+    """Columns sample_id int64, x tensor<float32>[*sample_shape], label, true_label int64, is_corrupted bool."""
+    x = tensor_column(np.asarray(s.x, dtype=np.float32).reshape(len(s), *s.sample_shape))
     schema = pa.schema(
         [
             ("sample_id", pa.int64()),
-            ("x", pa.list_(pa.float32(), width)),
+            ("x", x.type),
             ("label", pa.int64()),
             ("true_label", pa.int64()),
             ("is_corrupted", pa.bool_()),
@@ -56,6 +56,8 @@ def batch_from_table(t: pa.Table, sample_shape) -> dict[str, np.ndarray]:
         raise DataError(f"sample table lacks column(s) {missing}; it was not written by table_from_samples")
     shape = tuple(int(d) for d in sample_shape)
     x_col = t.column("x").combine_chunks()  # one (fixed-size) list array; may carry a slice offset
+    if isinstance(x_col, pa.ExtensionArray):  # a fixed-shape tensor: its storage is a fixed_size_list
+        x_col = x_col.storage
     if not (
         pa.types.is_fixed_size_list(x_col.type) or pa.types.is_list(x_col.type) or pa.types.is_large_list(x_col.type)
     ):

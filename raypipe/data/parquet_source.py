@@ -7,6 +7,7 @@ numbers or raw uint8 bytes; either way it is converted column-wise (no per-row P
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def read_parquet_table(path: str, columns: list[str], optional: list[str]) -> pa.Table:
+def read_parquet_table(path: str, columns: list[str], optional: list[str], key: str = "data.path") -> pa.Table:
     """`columns` (required) plus those of `optional` that exist, from a file, directory or URI.
 
     Files of a directory are read in sorted path order, so row positions (the default sample ids)
@@ -34,22 +35,22 @@ def read_parquet_table(path: str, columns: list[str], optional: list[str]) -> pa
         if "://" in path:
             filesystem, inner = pafs.FileSystem.from_uri(path)
             if filesystem.get_file_info(inner).type == pafs.FileType.NotFound:
-                raise DataError(f"parquet: data.path '{path}' does not exist; point data.path at a file or directory")
+                raise DataError(f"parquet: {key} '{path}' does not exist; point {key} at a file or directory")
         else:
             if not Path(path).exists():
-                raise DataError(f"parquet: data.path '{path}' does not exist; point data.path at a file or directory")
+                raise DataError(f"parquet: {key} '{path}' does not exist; point {key} at a file or directory")
             filesystem, inner = pafs.LocalFileSystem(), str(Path(path).resolve())
         found = pads.dataset(inner, filesystem=filesystem, format="parquet")
         files = sorted(found.files)
         if not files:
-            raise DataError(f"parquet: no Parquet files under '{path}'; point data.path at a file or directory of them")
+            raise DataError(f"parquet: no Parquet files under '{path}'; point {key} at a file or directory of them")
         dataset = pads.dataset(files, filesystem=filesystem, format="parquet")
         names = dataset.schema.names
         missing = [c for c in columns if c not in names]
         if missing:
             raise DataError(
                 f"parquet: '{path}' has no column {missing[0]!r} (columns: {names}); "
-                "set data.image_column / data.label_column"
+                "set data.image_column / data.label_column / data.test_label_column / data.true_label_column"
             )
         return dataset.to_table(columns=columns + [c for c in optional if c in names and c not in columns])
     except DataError:
@@ -77,6 +78,8 @@ def parquet_files(path: str) -> list[str]:
 def _image_matrix(column: pa.ChunkedArray, where: str) -> np.ndarray:
     """Image column -> [N, L] array (uint8 for binary, else the list's value type)."""
     arr = column.combine_chunks()
+    if isinstance(arr, pa.ExtensionArray):  # a fixed-shape tensor column (raypipe's own tables): row-major values
+        arr = arr.storage
     n = len(arr)
     if arr.null_count:
         raise DataError(f"{where}: {arr.null_count} row(s) have no image; drop them first")
@@ -131,16 +134,45 @@ def check_columns(cfg: DataConfig) -> None:
             raise ConfigError(f"config key 'data.{key}': 'sample_id' is the sample id column; name another")
 
 
-def read_parquet_source(cfg: DataConfig) -> tuple[SampleSet, str]:
-    """The whole table as a clean SampleSet, and a description of where it came from."""
+def read_parquet_source(cfg: DataConfig) -> tuple[SampleSet, SampleSet | None, str]:
+    """data.path as a SampleSet (with the known true labels of data.true_label_column), data.test_path (when
+    set) as the test set, and a description of where they came from."""
     if cfg.path is None:
         raise ConfigError("config key 'data.path': source 'parquet' needs a file, directory or URI; set data.path=...")
     where = f"parquet data '{cfg.path}'"
     check_columns(cfg)
-    table = read_parquet_table(cfg.path, [cfg.image_column, cfg.label_column], ["sample_id"])
+    pool = _read_samples(cfg, cfg.path, where, cfg.label_column, cfg.true_label_column, "data.path")
+    if cfg.test_path is None:
+        return pool, None, where
+    test_where = f"parquet test data '{cfg.test_path}'"
+    test_label = cfg.test_label_column or cfg.label_column
+    test = _read_samples(cfg, cfg.test_path, test_where, test_label, None, "data.test_path", pool.num_classes)
+    if test.x.shape[1:] != pool.x.shape[1:]:
+        raise DataError(
+            f"{test_where}: samples of shape {list(test.x.shape[1:])}, the training data's are {list(pool.x.shape[1:])}"
+        )
+    if np.isin(test.sample_id, pool.sample_id).any():  # default ids are positions: the test table's come after
+        test = dataclasses.replace(test, sample_id=test.sample_id + int(pool.sample_id.max()) + 1)
+    return pool, test, f"{where}, test {test_where}"
+
+
+def _labels(table: pa.Table, column: str, where: str) -> np.ndarray:
+    labels = table.column(column)
+    if not pa.types.is_integer(labels.type):
+        raise DataError(f"{where}: label column '{column}' has type {labels.type}; labels must be integers")
+    if labels.null_count:
+        raise DataError(f"{where}: label column '{column}' has {labels.null_count} null(s); drop those rows")
+    return labels.to_numpy().astype(np.int64)
+
+
+def _read_samples(
+    cfg: DataConfig, path: str, where: str, label_column: str, true_column: str | None, key: str, num_classes=None
+) -> SampleSet:
+    columns = [cfg.image_column, label_column, *([true_column] if true_column else [])]
+    table = read_parquet_table(path, columns, ["sample_id"], key)
     n = table.num_rows
     if n == 0:
-        raise DataError(f"{where} holds no rows; point data.path at a non-empty table")
+        raise DataError(f"{where} holds no rows; point {key} at a non-empty table")
 
     flat = _image_matrix(table.column(cfg.image_column), f"{where}, column '{cfg.image_column}'")  # [N, L]
     x = flat.astype(np.float32) / np.float32(255.0) if flat.dtype == np.uint8 else flat.astype(np.float32)
@@ -153,13 +185,7 @@ def read_parquet_source(cfg: DataConfig) -> tuple[SampleSet, str]:
                 f"'{cfg.image_column}' row has {length}; fix data.shape"
             )
         x = x.reshape(n, *shape)
-
-    labels = table.column(cfg.label_column)
-    if not pa.types.is_integer(labels.type):
-        raise DataError(f"{where}: label column '{cfg.label_column}' has type {labels.type}; labels must be integers")
-    if labels.null_count:
-        raise DataError(f"{where}: label column '{cfg.label_column}' has {labels.null_count} null(s); drop those rows")
-    label = labels.to_numpy().astype(np.int64)
+    label = _labels(table, label_column, where)
 
     if "sample_id" in table.column_names:
         ids = table.column("sample_id")
@@ -171,10 +197,16 @@ def read_parquet_source(cfg: DataConfig) -> tuple[SampleSet, str]:
     else:
         sample_id = np.arange(n, dtype=np.int64)
 
-    num_classes = cfg.num_classes if cfg.num_classes is not None else int(label.max()) + 1
-    if cfg.num_classes is None and num_classes > n:
-        raise DataError(
-            f"{where}: labels go up to {num_classes - 1} ({num_classes} classes) but there are {n} samples; "
-            "labels must be class indices 0..C-1 (renumber them), or set data.num_classes"
-        )
-    return SampleSet.clean(sample_id, x, label, num_classes), where
+    num_classes = num_classes or cfg.num_classes
+    if num_classes is None:
+        num_classes = int(label.max()) + 1
+        if num_classes > n:
+            raise DataError(
+                f"{where}: labels go up to {num_classes - 1} ({num_classes} classes) but there are {n} samples; "
+                "labels must be class indices 0..C-1 (renumber them), or set data.num_classes"
+            )
+    samples = SampleSet.clean(sample_id, x, label, num_classes)
+    if true_column is None:
+        return samples
+    true = _labels(table, true_column, where)
+    return dataclasses.replace(samples, true_label=true, is_corrupted=true != label)

@@ -8,6 +8,7 @@ same config always gives the same samples under the same ids. Sources with an of
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from importlib.resources import files
@@ -76,7 +77,8 @@ def input_files(cfg: DataConfig) -> list[str]:
     if cfg.source == "digits":
         return [str(files("sklearn.datasets.data") / "digits.csv.gz")]
     if cfg.source == "parquet":
-        return parquet_files(cfg.path) if cfg.path is not None else []
+        paths = [p for p in (cfg.path, cfg.test_path) if p is not None]
+        return [f for p in paths for f in parquet_files(p)]
     roots = [Path(cfg.path).expanduser()] if cfg.path is not None else _default_roots(cfg.source)
     if cfg.source == "cifar10":
         found = [cifar.cifar10_files(root) for root in roots]
@@ -160,6 +162,8 @@ def _split(pool: SampleSet, test: SampleSet | None, cfg: DataConfig, where: str)
     if test is None:
         rest, test_pos = _carve(pool.label, n_test, cfg.split_seed)
         test, pool = pool.subset(test_pos), pool.subset(rest)
+        if cfg.true_label_column is not None:  # the test split is scored against the known true labels
+            test = dataclasses.replace(test, label=test.true_label, is_corrupted=np.zeros(len(test), dtype=bool))
     train_pos, val_pos = _carve(pool.label, n_val, cfg.split_seed)
     train, val = pool.subset(train_pos), pool.subset(val_pos)
     cap = cfg.max_train_samples
@@ -167,6 +171,22 @@ def _split(pool: SampleSet, test: SampleSet | None, cfg: DataConfig, where: str)
         keep = np.random.default_rng(cfg.split_seed).choice(len(train), size=cap, replace=False)
         train = train.subset(np.sort(keep))
     return {"train": train, "val": val, "test": test}
+
+
+def labels_of_test_split(cfg: DataConfig) -> str:
+    """Which labels the test split holds: what every test accuracy is measured against."""
+    if cfg.source != "parquet":
+        split = "official test split" if cfg.source != "digits" else "test split (cut before any noise)"
+        return f"the clean labels of the {cfg.source} {split}"
+    if cfg.test_path is not None:
+        column = cfg.test_label_column or cfg.label_column
+        return f"the labels of the test table data.test_path '{cfg.test_path}' (column '{column}'), as given"
+    if cfg.true_label_column is not None:
+        return f"the known true labels (data.true_label_column '{cfg.true_label_column}') of a test split of data.path"
+    return (
+        f"the labels of data.path (column '{cfg.label_column}') as given, on a test split cut from it: as noisy as "
+        "the data (set data.test_path to a trusted test table)"
+    )
 
 
 def load_splits(cfg: DataConfig) -> dict[str, SampleSet]:
@@ -178,8 +198,7 @@ def load_splits(cfg: DataConfig) -> dict[str, SampleSet]:
     elif cfg.source == "cifar10":
         pool, test, where = _load_cifar10(cfg)
     elif cfg.source == "parquet":
-        pool, where = read_parquet_source(cfg)
-        test = None
+        pool, test, where = read_parquet_source(cfg)
     else:
         raise ConfigError(f"config key 'data.source': unknown source '{cfg.source}'")
     shape = IMAGE_SHAPES.get(cfg.source) or (tuple(cfg.shape) if cfg.shape is not None else None)

@@ -22,7 +22,9 @@ process.
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -78,8 +80,25 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
+def quiet_train_reports() -> None:
+    """Ray Train logs a line per worker at every `ray.train.report` ("Reporting training result ..."), the whole
+    metrics dict; rank 0's own per-epoch line (`raypipe.training.callbacks.Log`) says what matters."""
+    with contextlib.suppress(Exception):  # a Ray without that module has no such line
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)  # Ray names that logger by its file
+
+
+def _console(line: str) -> None:
+    """One line to this worker's stdout, which Ray forwards to the driver. Not `print`: Ray Train patches it to
+    log every line once more (each per-epoch line would show twice)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: its place among the ranks, then the one loop."""
+    quiet_train_reports()
     request = TrainRequest.from_dict(config["request"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -91,7 +110,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report(metrics)
 
     device = ray.train.torch.get_device()
-    worker = Worker(device, rank, world, ray.train.torch.prepare_model, _gather if world > 1 else None, report)
+    wrap, gather = ray.train.torch.prepare_model, _gather if world > 1 else None
+    worker = Worker(device, rank, world, wrap, gather, report, log=_console)
     try:
         run_worker(request, worker, config["cpus_per_worker"])
     except TrainingDiverged as e:  # every rank stops at the same epoch; a restarted group would diverge again

@@ -107,7 +107,7 @@ def _p_noisy_figure(run: RunLayout, report: dict[str, Any]):
 
     fig = _new_figure(8.0, 5.2)
     ax = fig.add_subplot()
-    if "is_corrupted" in table.column_names:
+    if "is_corrupted" in table.column_names and "auroc" in report.get("detection", {}):  # the truth is known
         corrupted = column_from_arrow(table.column("is_corrupted")).astype(bool)
         groups = [p_noisy[~corrupted], p_noisy[corrupted]]
         labels = [f"clean (truth, n={len(groups[0]):,})", f"corrupted (truth, n={len(groups[1]):,})"]
@@ -225,7 +225,8 @@ def _mixture_figure(run: RunLayout, report: dict[str, Any]):
     tau = float(report["partition"]["tau"])
     p = dens[noisy] / np.maximum(dens.sum(axis=0), 1e-300)
     crossings = np.flatnonzero(np.diff(np.sign(p - tau)) != 0)
-    for i, c in enumerate(crossings):
+    made_split = report["partition"]["mixture"].get("made_the_split", True)
+    for i, c in enumerate(crossings if made_split else []):  # the split's threshold only when this fit made it
         ax.axvline(
             grid[c], color="black", linestyle="--", linewidth=1.2, label=f"p_noisy = tau = {tau:g}" if i == 0 else None
         )
@@ -236,7 +237,14 @@ def _mixture_figure(run: RunLayout, report: dict[str, Any]):
         f"attribution value (rule '{rule}', raw units)" + (f"; {clipped:,} beyond in last bin" if clipped else "")
     )
     ax.set_ylabel("density")
-    ax.set_title(f"2-component Gaussian mixture on the 1-D attribution\n({len(x):,} training samples shown)")
+    title = f"2-component Gaussian mixture on the 1-D attribution\n({len(x):,} training samples shown)"
+    if not made_split:
+        used = report.get("detection", {}).get("signals_used", {})
+        title += (
+            f"\none detection signal only: the split was decided by detection.signal={used.get('signal', '?')} "
+            f"({', '.join(used.get('chosen', []))}), not by this fit"
+        )
+    ax.set_title(title, fontsize=10 if not made_split else None)
     n_entries = len(ax.get_legend_handles_labels()[1])
     fig.legend(loc="outside lower center", ncols=3 if n_entries % 3 == 0 else 2, fontsize=8)  # columns pair up
     ax.grid(axis="y", alpha=0.3)

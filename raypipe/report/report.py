@@ -67,6 +67,8 @@ def build_report(config: Config, manifests: dict[str, dict[str, Any]]) -> dict[s
         "pruning": {k: manifests["prune"]["summary"][k] for k in ("n_pruned", "probe_width")},
         "attribution": {"rule": manifests["attribution"]["summary"]["rule"]},
         "data": manifests["data"]["summary"],
+        # which labels every route's test accuracy is measured against (older runs: a clean test split)
+        "accuracy_measured_against": manifests["data"]["summary"].get("test_labels", "clean labels"),
         "stages_seconds": stage_seconds,
         "routes_overlapped": overlapping_routes(manifests),
         "config": config.to_dict(),
@@ -108,13 +110,17 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["## Warnings", "", *(f"- **{w}**" for w in report["warnings"]), ""]
     data = report["data"]
     cfg = report["config"]
+    truth = data.get("ground_truth", "injected noise")
+    corrupted = f"{data['n_corrupted']} known corrupted, from {truth}" if truth else "ground truth unknown"
     lines += [
-        f"Data: `{cfg['data']['source']}`, train {data['rows']['train']} ({data['n_corrupted']} corrupted by "
-        f"{cfg['noise']['kind']} noise at rate {cfg['noise']['rate']}), test {data['rows']['test']} (clean). "
+        f"Data: `{cfg['data']['source']}`, train {data['rows']['train']} ({corrupted}; "
+        f"{cfg['noise']['kind']} noise injected at rate {cfg['noise']['rate']}), test {data['rows']['test']}. "
         f"Model `{cfg['model']['name']}`, probe width {report['pruning']['probe_width']}. "
         f"Attribution rule `{report['attribution']['rule']}`.",
         "",
-        "## Routes (clean test split; last epoch)",
+        "## Routes (test split; last epoch)",
+        "",
+        f"Every accuracy below is measured against {report.get('accuracy_measured_against', 'the test labels')}.",
         "",
         "| metric | " + " | ".join(ROUTE_TITLES[c] for c in cols) + " |",
         "|---|" + "---|" * len(cols),

@@ -1,7 +1,8 @@
 """Stage `attribution`: per-sample probe activations and attribution vectors, shard by shard.
 
 Each output shard has the name of its data shard and one row per sample of it: sample_id, label,
-pred_label, pred_prob, given_prob, loss, probe [d], attribution [m], ``probe_<name>`` [d] for every
+pred_label, pred_prob, given_prob, best_other_label (the likeliest class besides the given one), loss,
+probe [d], attribution [m], ``probe_<name>`` [d] for every
 further model the pass reads (the initial model at an early epoch: ``probe_early``), and the ground
 truth columns when the data has them, for scoring only. A shard file is published atomically, so a
 rerun after a crash skips every shard already written and computes only the rest.
@@ -24,7 +25,7 @@ from raypipe import layout, storage
 from raypipe.core.attribution import attribute_batch
 from raypipe.core.models import ProbedModel
 from raypipe.data import batch_from_table
-from raypipe.tables import columns_from_table, table_from_columns
+from raypipe.tables import columns_from_table, row_width, table_from_columns
 from raypipe.training.checkpoint import load_model
 from raypipe.training.loop import resolve_device
 
@@ -120,7 +121,7 @@ def read_features(attribution_uri: str, ids: np.ndarray, max_bytes: int) -> dict
     if not shards or not all(storage.exists(uri) for uri in kept):
         return None
     fs, path = storage.resolve(kept[0])
-    width = pq.read_schema(path, filesystem=fs).field("features").type.list_size
+    width = row_width(pq.read_schema(path, filesystem=fs).field("features").type)
     if len(ids) * width * 4 > max_bytes:
         return None
     parts = []

@@ -1,7 +1,8 @@
 """Stage `data`: load the source, split, inject the experiment's noise, write Parquet.
 
 Output (`raypipe.layout`): ``train/part-NNNNN.parquet`` (shards of data.shard_rows rows, the unit of
-parallel and resumable work downstream), ``val.parquet``, ``test.parquet``. The test split is never
+parallel and resumable work downstream), ``val/part-00000.parquet``, ``test/part-00000.parquet``: one folder
+a split, so each reads back whole with pandas or Ray Data. The test split is never
 corrupted; the validation split gets the same kind of noise as training, since it stands for what a
 user holds out from their own (noisy) data.
 """
@@ -17,7 +18,15 @@ import pyarrow.parquet as pq
 
 from raypipe import layout, storage
 from raypipe.config import DataConfig, NoiseConfig
-from raypipe.data import SampleSet, apply_noise, load_splits, sample_format, samples_from_table, table_from_samples
+from raypipe.data import (
+    SampleSet,
+    apply_noise,
+    labels_of_test_split,
+    load_splits,
+    sample_format,
+    samples_from_table,
+    table_from_samples,
+)
 
 
 def run(data_cfg: DataConfig, noise_cfg: NoiseConfig, out_uri: str, log=print) -> dict[str, Any]:
@@ -43,9 +52,24 @@ def run(data_cfg: DataConfig, noise_cfg: NoiseConfig, out_uri: str, log=print) -
         "sample_shape": list(train.sample_shape),
         "num_classes": int(train.num_classes),
         "n_shards": n_shards,
+        "test_labels": labels_of_test_split(data_cfg),  # which labels every test accuracy is measured against
+        "ground_truth": ground_truth(data_cfg, noise_cfg),
         # what predicting the most common class alone scores on the test split (the report's chance level)
         "test_majority_fraction": float(np.bincount(test.label).max() / len(test)) if len(test) else 0.0,
     }
+
+
+def ground_truth(data_cfg: DataConfig, noise_cfg: NoiseConfig) -> str | None:
+    """Where the training samples' ground truth (true_label, is_corrupted) comes from; None: it is unknown (a
+    user's own data with no noise injected and no true labels), so the detection cannot be scored."""
+    known = []
+    if noise_cfg.kind != "none" and noise_cfg.rate > 0:
+        known.append(f"the {noise_cfg.kind} noise raypipe injected")
+    if data_cfg.true_label_column is not None:
+        known.append(f"the true labels of data.true_label_column '{data_cfg.true_label_column}'")
+    if data_cfg.source != "parquet":
+        known.append(f"the {data_cfg.source} labels, taken as clean")
+    return " and ".join(known) or None
 
 
 def train_shards(data_uri: str) -> list[str]:

@@ -6,10 +6,10 @@
    against a reference index (at most detection.max_reference rows) shipped to every worker;
 2. decision, on the driver, from a few scalars per sample: the signal(s) detection.signal names,
    combined without ground truth for `auto`, then a per-class decision (raypipe.core.detection);
-3. ``part-NNNNN.parquet`` (sample_id, label, pred_label, suggested_label, p_noisy,
-   is_clean), aligned with the attribution shards, and ``label_issues.parquet``: the flagged
-   samples, most suspect first, with a suggested label (the neighbours' majority when kNN ran,
-   else the model's prediction) and the signal that flagged them, for a user to act on.
+3. ``split/part-NNNNN.parquet`` (sample_id, label, pred_label, suggested_label, p_noisy,
+   is_clean), aligned with the attribution shards, and ``issues/part-00000.parquet``: every training
+   sample in the shape of cleanlab's Datalab (is_label_issue, label_score, given / predicted /
+   suggested label, p_noisy, each signal's score), most suspect first, for a user to act on.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import pyarrow as pa
 from raypipe import layout, storage
 from raypipe.config import DetectionConfig, PartitionConfig
 from raypipe.core.detection import class_conditional_flags, combine_signals
+from raypipe.core.detection.issues import best_other_class, label_issues_table
 from raypipe.core.detection.transition import (
     empirical_transition,
     estimate_from_neighbours,
@@ -33,6 +34,8 @@ from raypipe.core.mixture import MixtureFit, check_clean_side, fit_mixture, spli
 from raypipe.errors import RaypipeError
 from raypipe.stages.signals import ProbeSpaces, read_trajectory, sample_shard, signal_shard
 from raypipe.tables import columns_from_table, table_from_columns
+
+MIXTURE_SUMMARY = ("weights", "noisy_component", "component_mean_loss")  # what the report shows of the fit
 
 
 def decide(
@@ -104,33 +107,51 @@ def fit(attribution_shards: list[str], n_rows: int, cfg: PartitionConfig, seed: 
     return fit_mixture(attribution, loss, cfg, seed)
 
 
-def write_split(out_uri, names, lengths, cols, p_noisy, is_clean, signal: str, score=None) -> None:
-    """Partition shards (one per attribution shard, `lengths` rows each) and label_issues.parquet (the
-    flagged samples, most suspect first (by p_noisy, then by `score`), with a suggested label: the
-    neighbours' majority when kNN ran, else the model's prediction)."""
-    suggested = cols.get("knn_suggested", cols["pred_label"])
+def suggestion_candidates(cols: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The labels a flagged sample could have instead, best first: the neighbours' majority and their likeliest
+    other class (when kNN ran), the model's prediction, the model's likeliest other class (older attribution
+    shards lack it)."""
+    out = []
+    for space in ("knn", "knn_early"):
+        if f"{space}_suggested" in cols:
+            out += [cols[f"{space}_suggested"], best_other_class(cols[f"{space}_counts"], cols["label"])]
+    out.append(cols["pred_label"])
+    if "best_other_label" in cols:
+        out.append(cols["best_other_label"])
+    return out
+
+
+def write_split(out_uri, names, lengths, cols, p_noisy, is_clean, score, signals: dict[str, np.ndarray]) -> None:
+    """Partition shards (one per attribution shard, `lengths` rows each) and the label issues table: every training
+    sample in Datalab's shape, most suspect first (`raypipe.core.detection.issues`)."""
+    truth = {k: cols[k] for k in ("true_label", "is_corrupted") if k in cols}
+    issues = label_issues_table(
+        cols["sample_id"],
+        cols["label"],
+        cols["pred_label"],
+        ~is_clean,
+        p_noisy,
+        score,
+        signals,
+        suggestion_candidates(cols),
+        tie_break=cols["loss"],
+        extra=truth,
+    )
+    by_row = np.empty(len(p_noisy), dtype=np.int64)  # issues row -> position in the shards
+    by_row[np.argsort(cols["sample_id"], kind="stable")] = np.argsort(issues["sample_id"], kind="stable")
     out = {
         "sample_id": cols["sample_id"],
         "label": cols["label"],
         "pred_label": cols["pred_label"],
-        "suggested_label": suggested,
+        "suggested_label": issues["suggested_label"][by_row],
         "p_noisy": p_noisy,
         "is_clean": is_clean,
-        **{k: cols[k] for k in ("true_label", "is_corrupted") if k in cols},
+        **truth,
     }
     offsets = np.cumsum([0, *lengths])
     for name, a, b in zip(names, offsets[:-1], offsets[1:], strict=True):
-        storage.write_table(storage.join(out_uri, name), table_from_columns({k: v[a:b] for k, v in out.items()}))
-    flagged = np.flatnonzero(~is_clean)
-    tie_break = np.zeros(len(flagged)) if score is None else -np.asarray(score)[flagged]
-    order = flagged[np.lexsort((tie_break, -p_noisy[flagged]))]
-    issues = {
-        "sample_id": cols["sample_id"][order],
-        "given_label": cols["label"][order],
-        "suggested_label": suggested[order],
-        "p_noisy": p_noisy[order],
-        "flagged_by": np.full(len(order), signal),
-    }
+        shard = storage.join(layout.partition_dir(out_uri), name)
+        storage.write_table(shard, table_from_columns({k: v[a:b] for k, v in out.items()}))
     storage.write_table(layout.label_issues_file(out_uri), table_from_columns(issues))
 
 
@@ -175,9 +196,11 @@ def run(
     log=print,
     probe_columns: tuple[str, ...] = ("probe",),
     missing: dict[str, str] | None = None,
+    truth_known: bool = True,
 ) -> dict[str, Any]:
     """`probe_columns`: the probe spaces the attribution shards hold; `missing`: signals that cannot exist for this
-    run, and why (e.g. no trajectory for a given model), for the report."""
+    run, and why (e.g. no trajectory for a given model), for the report; `truth_known`: whether the data's ground
+    truth columns mean anything (else the detection is not scored)."""
     shards = storage.list_files(attribution_uri, ".parquet")
     # 1. Per-shard signals, in parallel: the attribution mixture (fitted on a uniform sample), kNN votes, FINE.
     mixture = fit(shards, n_rows, cfg, seed, executor)
@@ -198,7 +221,7 @@ def run(
     check_clean_side(is_clean, cfg)
 
     # 3. Partition shards aligned with the attribution shards (the prune stage joins them shard by shard).
-    write_split(out_uri, names, lengths, cols, p_noisy, is_clean, signals_used["signal"], score)
+    write_split(out_uri, names, lengths, cols, p_noisy, is_clean, score, signals)
     storage.write_json(layout.mixture_file(out_uri), mixture.describe())
     summary: dict[str, Any] = {
         "n_clean": int(is_clean.sum()),
@@ -208,10 +231,17 @@ def run(
         "signals_available": sorted(signals),
         "transition_matrix": transition,
         "mixture": {
-            k: v for k, v in mixture.describe().items() if k in ("weights", "noisy_component", "component_mean_loss")
+            **{
+                k: v
+                for k, v in mixture.describe().items()
+                if k in ("weights", "noisy_component", "component_mean_loss")
+            },
+            # the attribution mixture is the split's own decision only for detection.signal=attribution; otherwise
+            # its p_noisy is one signal among those the decision read
+            "made_the_split": signals_used["signal"] == "attribution",
         },
     }
-    if "is_corrupted" in cols:
+    if "is_corrupted" in cols and truth_known:
         summary["detection"] = score_detection(cols["is_corrupted"], p_noisy, score, signals, cfg.tau)
     det_m = summary.get("detection")
     log(
@@ -238,9 +268,7 @@ def read_partition(partition_uri: str, columns: list[str] | None = None):
 
     cols = columns or ["sample_id", "label", "pred_label", "suggested_label", "p_noisy", "is_clean"]
     tables = []
-    for uri in storage.list_files(partition_uri, ".parquet"):
-        if uri == layout.label_issues_file(partition_uri):
-            continue
+    for uri in storage.list_files(layout.partition_dir(partition_uri), ".parquet"):
         t = storage.read_table(uri)
         tables.append(t.select([c for c in [*cols, "is_corrupted", "true_label"] if c in t.column_names]))
     return pa.concat_tables(tables)

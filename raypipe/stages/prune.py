@@ -34,7 +34,7 @@ def run(
 ) -> dict[str, Any]:
     model, signature, _ = load_model(model_uri)
     shards = storage.list_files(attribution_uri, ".parquet")
-    jobs = [(uri, storage.join(partition_uri, uri.rsplit("/", 1)[-1])) for uri in shards]
+    jobs = [(uri, storage.join(layout.partition_dir(partition_uri), uri.rsplit("/", 1)[-1])) for uri in shards]
     parts = executor.map(lambda job: shard_stats(job[0], job[1], cfg.target), jobs, "sensitivity")
     stats = SufficientStats(model.probe_width)
     for part in parts:

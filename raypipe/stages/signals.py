@@ -139,7 +139,7 @@ def signal_shard(in_uri: str, out_uri: str, fit: MixtureFit, spaces: ProbeSpaces
     """One attribution shard -> its per-sample signals (scalars, and the neighbours' label counts per space): the
     attribution mixture's p_noisy, the loss, the kNN label agreement per probe space with the neighbours' majority
     label, and the alignment with the given class's direction (FINE)."""
-    keep = ["sample_id", "label", "pred_label", "loss", "attribution", "true_label", "is_corrupted"]
+    keep = ["sample_id", "label", "pred_label", "best_other_label", "loss", "attribution", "true_label", "is_corrupted"]
     table = storage.read_table(in_uri)
     cols = columns_from_table(table, [c for c in keep if c in table.column_names])
     cols["p_attribution"] = fit.p_noisy(cols.pop("attribution"))

@@ -117,6 +117,7 @@ class SweepJobConfig(Config):
 def load_sweep_config(
     path=None, overrides: list[str] | None = None, defaults: list[str] | None = None
 ) -> SweepJobConfig:
+    """Like `raypipe.load_config`, with the `sweep:` section (the search space, trials, objective) added."""
     return load_config(path, overrides, defaults, schema=SweepJobConfig)
 
 

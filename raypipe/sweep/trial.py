@@ -79,10 +79,18 @@ def read_trusted(path: str, config: Config, sample_shape: tuple[int, ...], num_c
         raise DataError(f"{where} is not readable Parquet: {str(e).splitlines()[0]}") from None
     image = config.data.image_column if config.data.image_column in names else "x"  # raypipe's own tables: x
     data_cfg = dataclasses.replace(
-        config.data, source="parquet", path=path, image_column=image, shape=None, num_classes=num_classes
+        config.data,
+        source="parquet",
+        path=path,
+        image_column=image,
+        shape=None,
+        num_classes=num_classes,
+        test_path=None,
+        test_label_column=None,
+        true_label_column=None,
     )
     try:
-        samples, _ = read_parquet_source(data_cfg)
+        samples, _, _ = read_parquet_source(data_cfg)
     except RaypipeError as e:
         raise DataError(f"{where}: {e}") from None
     width = int(np.prod(sample_shape))
