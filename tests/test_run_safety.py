@@ -159,9 +159,12 @@ def test_ctrl_c_local(tmp_path):
 
 
 @pytest.mark.ray
-def test_ctrl_c_ray_train(tmp_path):
-    """Ray Train's own SIGINT handler aborted the run and exited with status 1 and no word."""
-    _interrupt_while_training(tmp_path / "run", ["run.executor=ray", "ray.address=local", "ray.num_workers=1"], True)
+@pytest.mark.parametrize("workers", [1, 2], ids=["ray-task", "ray-train"])
+def test_ctrl_c_ray(tmp_path, workers):
+    """One worker: the route is a Ray task; two: Ray Train, whose own SIGINT handler aborted the run and exited
+    with status 1 and no word."""
+    extra = ["run.executor=ray", "ray.address=local", f"ray.num_workers={workers}"]
+    _interrupt_while_training(tmp_path / "run", extra, True)
 
 
 # ---------------------------------------------------------------------------------------------
