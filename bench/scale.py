@@ -116,6 +116,7 @@ def child(args) -> None:
         if stage == "partition":
             summary = partition.run(
                 out.stage("attribution"),
+                out.stage("data"),
                 out.stage("partition"),
                 cfg.partition,
                 cfg.detection,

@@ -12,9 +12,12 @@ its ``_manifest.json``, plus the run's own files::
     <run>/attribution/part-NNNNN.parquet   one row per training sample, aligned with the data shards
     <run>/attribution/features/part-NNNNN.parquet   the backbone's features (the head's input), kept
                                            when L-FT will train the head on them
+    <run>/attribution/val/part-00000.parquet   the same pass over the validation split
     <run>/partition/split/part-NNNNN.parquet   p_noisy, is_clean, suggested label, aligned likewise
     <run>/partition/signals/part-NNNNN.parquet every detection signal per sample, aligned likewise
     <run>/partition/issues/part-00000.parquet  the label issues table (every training sample, most suspect first)
+    <run>/partition/val/part-00000.parquet     the validation split's detection (p_noisy, is_clean, signals)
+    <run>/partition/val_cleaned/part-00000.parquet  the validation samples detected as clean (sample table)
     <run>/partition/mixture.json
     <run>/prune/model.pt, neurons.json
     <run>/<route>/model.pt                 l_ft, f_ft, retrain (checkpoint.pt while training)
@@ -113,6 +116,21 @@ def features_shard(attribution_shard_uri: str) -> str:
     """The features shard beside an attribution shard (same name, in `features_dir`)."""
     folder, name = attribution_shard_uri.rsplit("/", 1)
     return join(features_dir(folder), name)
+
+
+def val_attribution_file(attribution_uri: str) -> str:
+    """The attribution pass over the validation split (its own detection, to choose a route without the test)."""
+    return join(attribution_uri, "val", shard_name(0))
+
+
+def val_detection_file(partition_uri: str) -> str:
+    """The validation split's signals, p_noisy and is_clean, decided like the training split's."""
+    return join(partition_uri, "val", shard_name(0))
+
+
+def cleaned_val_file(partition_uri: str) -> str:
+    """The validation samples detected as clean, in the data's sample-table format: what routes are scored on."""
+    return join(partition_uri, "val_cleaned", shard_name(0))
 
 
 def signals_dir(partition_uri: str) -> str:

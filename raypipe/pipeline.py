@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raypipe import layout, storage
-from raypipe.config import REPAIR_ROUTES, Config, dump_config
+from raypipe.config import FINE_TUNE_ROUTES, REPAIR_ROUTES, Config, dump_config
 from raypipe.core.models import model_signature
 from raypipe.data import input_files
 from raypipe.errors import ConfigError, DamagedFileError, RaypipeError
@@ -81,7 +81,7 @@ def _data_settings(cfg: Config) -> dict[str, Any]:
 
 def train_request(r: Run, route: str, out_uri: str) -> TrainRequest:
     cfg, lay = r.config, r.layout
-    repair = route in ("l_ft", "f_ft")
+    repair = route in FINE_TUNE_ROUTES
     trajectory = route == "initial" and records_trajectory(cfg)
     return TrainRequest(
         route,
@@ -143,6 +143,9 @@ def _attribution(r: Run, uri: str) -> dict[str, Any]:
         tuple(probe_models.items()),
     )
     rows = r.executor.attribute(spec, jobs)
+    val = attribution.pending_val(r.layout.stage("data"), uri, data["rows"].get("val", 0))
+    if val:  # the validation split through the same pass (no features): its own detection in the partition
+        r.executor.attribute(dataclasses.replace(spec, keep_features=False), val)
     probe_columns = ["probe", *(f"probe_{name}" for name in probe_models)]
     return {"rule": rule, "rows": data["rows"]["train"], "rows_computed": rows, "probe_columns": probe_columns}
 
@@ -151,6 +154,7 @@ def _partition(r: Run, uri: str) -> dict[str, Any]:
     cfg, data = r.config, r.summary("data")
     return partition.run(
         r.layout.stage("attribution"),
+        r.layout.stage("data"),
         uri,
         cfg.partition,
         cfg.detection,
@@ -196,7 +200,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "attribution",
         ("data", "initial"),
-        lambda cfg: {"rule": cfg.attribution.rule, "early_model_epoch": early_model_epoch(cfg)},
+        lambda cfg: {"rule": cfg.attribution.rule, "early_model_epoch": early_model_epoch(cfg), "val_split": True},
         _attribution,
     ),
     Stage(

@@ -3,6 +3,7 @@
 
 from raypipe.config.load import config_from_dict, dump_config, load_config, parse_overrides
 from raypipe.config.schema import (
+    FINE_TUNE_ROUTES,
     MODELS,
     REPAIR_ROUTES,
     ROUTE_TITLES,
@@ -25,6 +26,7 @@ from raypipe.config.schema import (
 )
 
 __all__ = [
+    "FINE_TUNE_ROUTES",
     "MODELS",
     "REPAIR_ROUTES",
     "ROUTE_TITLES",

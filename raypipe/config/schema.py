@@ -14,9 +14,12 @@ from typing import Any, Literal
 
 from raypipe.errors import ConfigError
 
-ROUTES = ("initial", "l_ft", "f_ft", "retrain")
-REPAIR_ROUTES = ("l_ft", "f_ft", "retrain")  # `initial` always runs (or is given): it is the model to repair
-ROUTE_TITLES = {"initial": "Initial", "l_ft": "L-FT", "f_ft": "F-FT", "retrain": "Retrain"}
+ROUTES = ("initial", "l_ft", "f_ft", "relabel", "retrain")
+# `initial` always runs (or is given): it is the model to repair. The routes that fine-tune the pruned model
+# (FINE_TUNE_ROUTES) and the retrain baseline.
+REPAIR_ROUTES = ("l_ft", "f_ft", "relabel", "retrain")
+FINE_TUNE_ROUTES = ("l_ft", "f_ft", "relabel")
+ROUTE_TITLES = {"initial": "Initial", "l_ft": "L-FT", "f_ft": "F-FT", "relabel": "Relabel", "retrain": "Retrain"}
 RULES = ("grad_x_act_maxclass", "grad_x_act_label", "loss", "last_layer_grad")
 SOURCES = ("digits", "fashion-mnist", "mnist", "cifar10", "parquet")
 MODELS = ("mlp", "cnn_small", "resnet18_cifar", "user")
@@ -171,6 +174,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     batch_size: int = 64
+    # Stop after the epoch past which the next would end beyond this many training seconds (None: no budget):
+    # e.g. Retrain given the wall time of a repair route (bench/matched_budget.py).
+    time_budget_s: float | None = None
 
     def validate(self, section: str = "train") -> None:
         check_setting(self.epochs >= 1, f"{section}.epochs", "must be >= 1")
@@ -178,6 +184,11 @@ class TrainConfig:
         check_setting(self.batch_size >= 1, f"{section}.batch_size", "must be >= 1")
         check_setting(self.weight_decay >= 0, f"{section}.weight_decay", "must be >= 0")
         check_setting(0 <= self.momentum < 1, f"{section}.momentum", f"{self.momentum} is outside [0, 1); use e.g. 0.9")
+        check_setting(
+            self.time_budget_s is None or self.time_budget_s > 0,
+            f"{section}.time_budget_s",
+            f"{self.time_budget_s} must be > 0 seconds (or unset: no budget)",
+        )
 
 
 @dataclass(frozen=True)
@@ -212,6 +223,10 @@ class PartitionConfig:
     min_component_weight: float = 0.01
     # Minimum share of the training set the clean side must keep to be fine-tuned on.
     min_clean_fraction: float = 0.05
+    # The relabel route: a flagged sample gets its suggested label when the neighbours' majority of every probe
+    # space (final and early model) names the same class, other than the given one, with at least this share
+    # of the votes in each (raypipe.core.detection.relabel); other flagged samples are left out.
+    relabel_min_vote_share: float = 0.5
 
     def validate(self) -> None:
         check_setting(0.0 < self.tau <= 1.0, "partition.tau", "must be in (0, 1]")
@@ -221,6 +236,11 @@ class PartitionConfig:
         check_setting(self.n_init >= 1, "partition.n_init", "must be >= 1")
         check_setting(0.0 <= self.min_component_weight < 0.5, "partition.min_component_weight", "must be in [0, 0.5)")
         check_setting(0.0 <= self.min_clean_fraction < 1.0, "partition.min_clean_fraction", "must be in [0, 1)")
+        check_setting(
+            0.0 < self.relabel_min_vote_share <= 1.0,
+            "partition.relabel_min_vote_share",
+            f"{self.relabel_min_vote_share} is outside (0, 1]; use e.g. 0.5",
+        )
 
 
 @dataclass(frozen=True)
@@ -340,6 +360,8 @@ class Config:
     # is the paper's for both; 1e-4 left a memorizing model's F-FT 2-5 points lower (bench/label_noise.py).
     l_ft: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=1e-3))
     f_ft: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=1e-3))
+    # Like f_ft, on the clean part plus the flagged samples whose suggested label is confident, relabelled.
+    relabel: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=1e-3))
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)

@@ -148,9 +148,10 @@ def run_sweep(config: space.SweepJobConfig, sweep_uri: str, executor: Executor, 
 
     base = sweep_trial.prepare_base(config, sweep_uri, executor, log)  # checks the validation set once
     n_val = len(sweep_trial.validation_set(config, sweep_uri))
+    note = " (each trial scores those its detection judges clean)" if config.sweep.objective == "cleaned" else ""
     log(
         f"[sweep] {len(specs)} trials, objective {sweep_trial.METRIC} on {n_val} {config.sweep.objective}-labelled "
-        f"validation samples; {plan.max_concurrent} at a time, {plan.trial_resources} each"
+        f"validation samples{note}; {plan.max_concurrent} at a time, {plan.trial_resources} each"
         + (f" + {plan.workers} Ray Train workers x {plan.cpus_per_worker:g} CPU" if plan.workers > 1 else "")
     )
     context = {

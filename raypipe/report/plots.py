@@ -36,7 +36,13 @@ DPI = 110
 MAX_MIXTURE_ROWS = 50_000  # rows of attribution read back for the mixture histogram (uniform sample)
 CLEAN_COLOR = "tab:blue"
 CORRUPTED_COLOR = "tab:red"
-ROUTE_COLORS = {"initial": "tab:gray", "l_ft": "tab:blue", "f_ft": "tab:green", "retrain": "tab:orange"}
+ROUTE_COLORS = {
+    "initial": "tab:gray",
+    "l_ft": "tab:blue",
+    "f_ft": "tab:green",
+    "relabel": "tab:purple",
+    "retrain": "tab:orange",
+}
 
 
 def write_plots(run: RunLayout, report: dict[str, Any], log: Callable[[str], Any] = print) -> list[str]:
@@ -357,7 +363,7 @@ def _number(value: Any) -> float:
 
 
 RULE_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple")
-ROUTE_MARKERS = {"l_ft": "o", "f_ft": "s"}
+ROUTE_MARKERS = {"l_ft": "o", "f_ft": "s", "relabel": "^"}
 
 
 def objective_figure(rows: list[dict[str, Any]], objective: str, metric: str):

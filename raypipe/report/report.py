@@ -14,8 +14,9 @@ import math
 from typing import Any
 
 from raypipe import storage
-from raypipe.config import ROUTE_TITLES, ROUTES, Config
+from raypipe.config import FINE_TUNE_ROUTES, ROUTE_TITLES, ROUTES, Config
 from raypipe.layout import RunLayout
+from raypipe.report.choice import recommendation
 from raypipe.report.plots import write_plots
 
 # The stages a repair route pays for besides its own training (the retrain baseline pays none of them).
@@ -38,7 +39,7 @@ def chance_warnings(routes: dict[str, dict[str, Any]], data: dict[str, Any]) -> 
     for route, summary in routes.items():
         summary["at_chance"] = bool(summary["accuracy"] <= threshold)
         if summary["at_chance"]:
-            after = ", the partition's clean side and prune.fraction" if route in ("l_ft", "f_ft") else ""
+            after = ", the partition's clean side and prune.fraction" if route in FINE_TUNE_ROUTES else ""
             warnings.append(
                 f"{ROUTE_TITLES[route]} is at chance: test accuracy {summary['accuracy']:.3f}, and predicting the "
                 f"most common class alone scores {chance:.3f} on {data['rows']['test']} samples; the model learned "
@@ -54,7 +55,7 @@ def build_report(config: Config, manifests: dict[str, dict[str, Any]]) -> dict[s
         if route not in manifests:
             continue
         summary = {k: v for k, v in manifests[route]["summary"].items() if k != "history"}
-        overhead = sum(stage_seconds.get(s, 0.0) for s in REPAIR_OVERHEAD) if route in ("l_ft", "f_ft") else 0.0
+        overhead = sum(stage_seconds.get(s, 0.0) for s in REPAIR_OVERHEAD) if route in FINE_TUNE_ROUTES else 0.0
         own = manifests[route]["summary"].get("seconds_total", manifests[route]["seconds"])
         summary["seconds_overhead"] = overhead
         summary["seconds_total"] = own + overhead
@@ -79,6 +80,8 @@ def build_report(config: Config, manifests: dict[str, dict[str, Any]]) -> dict[s
         "transition_matrix": part.get("transition_matrix"),
     }
     report["warnings"] = chance_warnings(routes, report["data"])
+    report["relabel"] = part.get("relabel")  # how right the suggested labels are, when ground truth exists
+    report["validation_detection"] = part.get("validation")
     return report
 
 
@@ -150,6 +153,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"pruned {report['pruning']['n_pruned']} of {report['pruning']['probe_width']} probe neurons.",
         "",
     ]
+    lines += _choice_md(report)
     lines += _detection_md(report["detection"])
     if "auroc" in report["detection"]:
         det = report["detection"]
@@ -166,6 +170,30 @@ def render_markdown(report: dict[str, Any]) -> str:
     for plot in report.get("plots", []):
         lines += ["", f"![{plot}]({plot})"]
     return "\n".join(lines) + "\n"
+
+
+def _choice_md(report: dict[str, Any]) -> list[str]:
+    """The recommended route and its evidence; how right the relabel route's labels are."""
+    lines = []
+    choice = report.get("recommended_route") or {}
+    if choice.get("route"):
+        evidence = ", ".join(f"{ROUTE_TITLES[r]} {s['accuracy']:.4f}" for r, s in choice["evidence"].items())
+        lines += [
+            "## Recommended route (chosen without the test split)",
+            "",
+            f"**{ROUTE_TITLES[choice['route']]}**: {choice['why']}. Accuracy on the validation samples detected as "
+            f"clean: {evidence}.",
+            "",
+        ]
+    relabel = report.get("relabel") or {}
+    if "suggested_accuracy_flagged" in relabel:
+        lines += [
+            f"Suggested labels (ground truth used only to score): right on {relabel['suggested_accuracy_flagged']:.1%}"
+            f" of the {relabel['n_flagged']} flagged samples; the relabel route took {relabel['n_relabelled']} of "
+            f"them, {relabel['relabel_accuracy']:.1%} relabelled right.",
+            "",
+        ]
+    return lines
 
 
 def _detection_md(det: dict[str, Any]) -> list[str]:
@@ -200,6 +228,7 @@ def _detection_md(det: dict[str, Any]) -> list[str]:
 
 def write_report(run_layout: RunLayout, config: Config, manifests: dict[str, dict[str, Any]], log=print) -> dict:
     report = build_report(config, manifests)
+    report["recommended_route"] = recommendation(run_layout, list(report["routes"]))
     report["plots"] = write_plots(run_layout, report, log)
     storage.write_json(run_layout.report_json, report)
     storage.write_bytes(run_layout.report_md, render_markdown(report).encode())

@@ -10,6 +10,9 @@ rerun after a crash skips every shard already written and computes only the rest
 With `keep_features` each shard also keeps the backbone's output for its samples (sample_id, label,
 features [F]) under ``features/`` (`raypipe.layout.features_dir`), written before the shard itself:
 L-FT trains the head on them instead of running the frozen backbone again (`read_features`).
+
+The validation split goes through the same pass (``val/``, `raypipe.layout.val_attribution_file`), so the
+partition can detect its wrong labels too and the routes be compared on its samples detected as clean.
 """
 
 from __future__ import annotations
@@ -110,6 +113,12 @@ def pending_shards(data_shards: list[str], out_uri: str) -> list[tuple[str, str]
         if not storage.exists(target):
             jobs.append((in_uri, target))
     return jobs
+
+
+def pending_val(data_uri: str, out_uri: str, val_rows: int) -> list[tuple[str, str]]:
+    """The validation split's job, [(its file, its attribution file)], unless it is done or the split is empty."""
+    target = layout.val_attribution_file(out_uri)
+    return [] if val_rows == 0 or storage.exists(target) else [(layout.split_file(data_uri, "val"), target)]
 
 
 def read_features(attribution_uri: str, ids: np.ndarray, max_bytes: int) -> dict[str, np.ndarray] | None:

@@ -6,10 +6,11 @@
    against a reference index (at most detection.max_reference rows) shipped to every worker;
 2. decision, on the driver, from a few scalars per sample: the signal(s) detection.signal names,
    combined without ground truth for `auto`, then a per-class decision (raypipe.core.detection);
-3. ``split/part-NNNNN.parquet`` (sample_id, label, pred_label, suggested_label, p_noisy,
-   is_clean), aligned with the attribution shards, and ``issues/part-00000.parquet``: every training
-   sample in the shape of cleanlab's Datalab (is_label_issue, label_score, given / predicted /
-   suggested label, p_noisy, each signal's score), most suspect first, for a user to act on.
+3. ``split/part-NNNNN.parquet`` (sample_id, label, pred_label, suggested_label, relabelled_to (the relabel
+   route's label, -1 for none), p_noisy, is_clean), aligned with the attribution shards, and
+   ``issues/part-00000.parquet``: every training sample in the shape of cleanlab's Datalab (is_label_issue,
+   label_score, given / predicted / suggested label, p_noisy, each signal's score), most suspect first;
+4. the validation split's detection by the same decision (`raypipe.stages.validation`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from raypipe.core.detection.transition import (
 from raypipe.core.metrics import detection_metrics
 from raypipe.core.mixture import MixtureFit, check_clean_side, fit_mixture, split
 from raypipe.errors import RaypipeError
-from raypipe.stages.signals import ProbeSpaces, read_trajectory, sample_shard, signal_shard
+from raypipe.stages.signals import ProbeSpaces, gather_signals, sample_shard, signal_shard
+from raypipe.stages.validation import detect_validation, relabel_summary, relabels
 from raypipe.tables import columns_from_table, table_from_columns
 
 MIXTURE_SUMMARY = ("weights", "noisy_component", "component_mean_loss")  # what the report shows of the fit
@@ -121,9 +123,12 @@ def suggestion_candidates(cols: dict[str, np.ndarray]) -> list[np.ndarray]:
     return out
 
 
-def write_split(out_uri, names, lengths, cols, p_noisy, is_clean, score, signals: dict[str, np.ndarray]) -> None:
+def write_split(
+    out_uri, names, lengths, cols, p_noisy, is_clean, score, signals: dict[str, np.ndarray], min_vote_share=0.5
+) -> np.ndarray:
     """Partition shards (one per attribution shard, `lengths` rows each) and the label issues table: every training
-    sample in Datalab's shape, most suspect first (`raypipe.core.detection.issues`)."""
+    sample in Datalab's shape, most suspect first (`raypipe.core.detection.issues`). -> the suggested labels, in
+    the shards' order."""
     truth = {k: cols[k] for k in ("true_label", "is_corrupted") if k in cols}
     issues = label_issues_table(
         cols["sample_id"],
@@ -144,6 +149,8 @@ def write_split(out_uri, names, lengths, cols, p_noisy, is_clean, score, signals
         "label": cols["label"],
         "pred_label": cols["pred_label"],
         "suggested_label": issues["suggested_label"][by_row],
+        # the relabel route's label for a flagged sample whose suggestion is confident, else -1
+        "relabelled_to": relabels(cols, ~is_clean, min_vote_share),
         "p_noisy": p_noisy,
         "is_clean": is_clean,
         **truth,
@@ -153,18 +160,7 @@ def write_split(out_uri, names, lengths, cols, p_noisy, is_clean, score, signals
         shard = storage.join(layout.partition_dir(out_uri), name)
         storage.write_table(shard, table_from_columns({k: v[a:b] for k, v in out.items()}))
     storage.write_table(layout.label_issues_file(out_uri), table_from_columns(issues))
-
-
-def gather_signals(cols: dict[str, np.ndarray], trajectory_uri: str | None) -> dict[str, np.ndarray]:
-    """Every suspicion score the signal shards and the trajectory hold (higher = more suspect)."""
-    signals = {"attribution": cols["p_attribution"], "loss": cols["loss"]}
-    for name in ("knn", "knn_early"):
-        if f"{name}_agreement" in cols:
-            signals[name] = 1.0 - cols[f"{name}_agreement"]
-    if "fine_alignment" in cols:
-        signals["fine"] = 1.0 - cols["fine_alignment"]
-    signals.update(read_trajectory(trajectory_uri, cols["sample_id"]))
-    return signals
+    return out
 
 
 def transition_estimate(cols: dict[str, np.ndarray], num_classes: int, det: DetectionConfig, seed: int):
@@ -185,6 +181,7 @@ def transition_estimate(cols: dict[str, np.ndarray], num_classes: int, det: Dete
 
 def run(
     attribution_uri: str,
+    data_uri: str,
     out_uri: str,
     cfg: PartitionConfig,
     det: DetectionConfig,
@@ -221,8 +218,21 @@ def run(
     check_clean_side(is_clean, cfg)
 
     # 3. Partition shards aligned with the attribution shards (the prune stage joins them shard by shard).
-    write_split(out_uri, names, lengths, cols, p_noisy, is_clean, score, signals)
+    out = write_split(out_uri, names, lengths, cols, p_noisy, is_clean, score, signals, cfg.relabel_min_vote_share)
     storage.write_json(layout.mixture_file(out_uri), mixture.describe())
+    # 4. The validation split's own detection, by the training split's decision (for choosing a route).
+    validation = detect_validation(
+        attribution_uri,
+        data_uri,
+        out_uri,
+        (signals, cols["label"], is_clean),
+        (mixture, spaces),
+        det,
+        cfg.tau,
+        num_classes,
+        seed,
+        truth_known,
+    )
     summary: dict[str, Any] = {
         "n_clean": int(is_clean.sum()),
         "n_noisy": int((~is_clean).sum()),
@@ -230,6 +240,8 @@ def run(
         "signals_used": signals_used,
         "signals_available": sorted(signals),
         "transition_matrix": transition,
+        "relabel": relabel_summary(cols, out["suggested_label"], out["relabelled_to"], ~is_clean, truth_known),
+        "validation": validation,
         "mixture": {
             **{
                 k: v

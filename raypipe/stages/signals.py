@@ -177,3 +177,15 @@ def read_trajectory(trajectory_uri: str | None, sample_id: np.ndarray) -> dict[s
     if "wrong_events" in t and (t["epochs_recorded"][pos] > 0).all():
         out["wrong_events"] = t["wrong_events"][pos] / t["epochs_recorded"][pos]
     return out if np.isfinite(out["aum"]).all() else {}
+
+
+def gather_signals(cols: dict[str, np.ndarray], trajectory_uri: str | None) -> dict[str, np.ndarray]:
+    """Every suspicion score the signal shards and the trajectory hold (higher = more suspect)."""
+    signals = {"attribution": cols["p_attribution"], "loss": cols["loss"]}
+    for name in ("knn", "knn_early"):
+        if f"{name}_agreement" in cols:
+            signals[name] = 1.0 - cols[f"{name}_agreement"]
+    if "fine_alignment" in cols:
+        signals["fine"] = 1.0 - cols["fine_alignment"]
+    signals.update(read_trajectory(trajectory_uri, cols["sample_id"]))
+    return signals

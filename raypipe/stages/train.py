@@ -1,4 +1,4 @@
-"""Stages `initial`, `retrain`, `l_ft`, `f_ft`: one training request, the same body wherever it runs.
+"""Stages `initial`, `retrain`, `l_ft`, `f_ft`, `relabel`: one training request, the same body wherever it runs.
 
 A `TrainRequest` names everything by URI (data, partition, starting checkpoint, output), so the same
 request runs in this process (`train_local`), in a Ray task, on Ray Train workers or inside a Tune
@@ -11,6 +11,7 @@ asks for, publish ``model.pt`` (and the training trajectory of the initial model
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,7 @@ from raypipe.data import SampleSet, samples_from_table
 from raypipe.stages.attribution import read_features
 from raypipe.stages.data import read_split, train_format, train_sample_ids
 from raypipe.tables import columns_from_table, table_from_columns
-from raypipe.training.callbacks import Gather, Log, RecordTrajectory, Report, StopOnNonFinite, Validate
+from raypipe.training.callbacks import Gather, Log, RecordTrajectory, Report, StopOnNonFinite, TimeBudget, Validate
 from raypipe.training.checkpoint import SaveCheckpoint, SaveModelAt, load_model, restore, save_model
 from raypipe.training.loop import (
     FEATURE_CACHE_MAX_BYTES,
@@ -88,6 +89,17 @@ def clean_ids(partition_uri: str) -> np.ndarray:
     return np.sort(cols["sample_id"][cols["is_clean"].astype(bool)])
 
 
+def relabelled_rows(partition_uri: str) -> tuple[np.ndarray, np.ndarray]:
+    """(sample ids, new labels) of the flagged samples the partition relabelled (the relabel route's extra rows)."""
+    from raypipe.stages.partition import read_partition
+
+    cols = columns_from_table(read_partition(partition_uri, ["sample_id", "relabelled_to"]))
+    if "relabelled_to" not in cols:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    take = cols["relabelled_to"] >= 0
+    return cols["sample_id"][take], cols["relabelled_to"][take]
+
+
 def keep_ids(table: pa.Table, ids: np.ndarray) -> pa.Table:
     """The rows of `table` whose sample_id is in `ids`."""
     return table.filter(pc.is_in(table["sample_id"], value_set=pa.array(ids)))
@@ -97,7 +109,15 @@ def training_samples(request: TrainRequest) -> SampleSet:
     train = read_split(request.data_uri, "train")
     if request.route == "initial":
         return train
-    return train.subset(np.isin(train.sample_id, clean_ids(request.partition_uri)))
+    keep = np.isin(train.sample_id, clean_ids(request.partition_uri))
+    if request.route != "relabel":
+        return train.subset(keep)
+    ids, new_labels = relabelled_rows(request.partition_uri)  # the clean part plus the confidently relabelled
+    moved = np.isin(train.sample_id, ids)
+    label = train.label.copy()
+    order = np.argsort(ids)
+    label[moved] = new_labels[order[np.searchsorted(ids, train.sample_id[moved], sorter=order)]]
+    return dataclasses.replace(train, label=label).subset(keep | moved)
 
 
 def route_data(request: TrainRequest, rank: int = 0, world: int = 1) -> tuple[EpochData, int]:
@@ -124,7 +144,8 @@ def route_size(request: TrainRequest) -> int:
     """How many samples `request` trains on (without reading them)."""
     if request.route == "initial":
         return len(train_sample_ids(request.data_uri))
-    return len(clean_ids(request.partition_uri))
+    extra = len(relabelled_rows(request.partition_uri)[0]) if request.route == "relabel" else 0
+    return len(clean_ids(request.partition_uri)) + extra
 
 
 def starting_model(request: TrainRequest, sample_shape, num_classes):
@@ -185,6 +206,8 @@ def train_route(request: TrainRequest, data: EpochData, sample_shape, num_classe
             worker.gather, keeps_restored=worker.rank == 0,
         )  # fmt: skip
         callbacks.append(trajectory)
+    if request.train.time_budget_s is not None:
+        callbacks.append(TimeBudget(request.train.time_budget_s, worker.gather))
     if request.val_uri is not None:
         val = samples_from_table(storage.read_table(request.val_uri))
         callbacks.append(Validate(model, val.x, val.label, worker.device))

@@ -99,7 +99,7 @@ def write_best(config: Config, sweep_uri: str, best: dict[str, Any], rows: list[
 
     cpu = resolve_device("cpu")
     test = read_split(lay.base.stage("data"), "test")
-    val = validation_set(config, sweep_uri)
+    val = validation_set(config, sweep_uri, lay.trial(best["trial_id"], spec.rule))
     initial, _, _ = load_model(lay.base.model("initial"))
     partition = storage.read_manifest(lay.trial(best["trial_id"], spec.rule).stage("partition"))
     report = {

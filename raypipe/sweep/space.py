@@ -1,7 +1,7 @@
 """The search space of `raypipe sweep`: its config section, the trials, and what a resumed sweep must share.
 
 `raypipe sweep` searches the repair's settings: the partition threshold ``tau``, the prune fraction,
-the attribution rule, the fine-tuning route (``l_ft`` / ``f_ft``), its learning rate and its epochs
+the attribution rule, the fine-tuning route (``l_ft`` / ``f_ft`` / ``relabel``), its learning rate and its epochs
 (``sweep.*``). Every list in the section is one axis; a trial takes one value of each.
 """
 
@@ -16,11 +16,9 @@ from typing import Any, Literal
 import numpy as np
 
 from raypipe import storage
-from raypipe.config import RULES, Config, check_seed, check_setting, load_config
+from raypipe.config import FINE_TUNE_ROUTES, RULES, Config, check_seed, check_setting, load_config
 from raypipe.errors import ConfigError
 from raypipe.layout import SweepLayout
-
-FINE_TUNE_ROUTES = ("l_ft", "f_ft")
 
 
 @dataclass(frozen=True)
@@ -34,7 +32,7 @@ class SweepConfig:
     tau: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
     prune_fraction: list[float] = field(default_factory=lambda: [0.0, 0.156, 0.3])
     rules: list[str] = field(default_factory=lambda: ["loss", "grad_x_act_label"])
-    # Fine-tuning routes; the route's section (l_ft / f_ft) gives its other settings.
+    # Fine-tuning routes; the route's section (l_ft / f_ft / relabel) gives its other settings.
     routes: list[str] = field(default_factory=lambda: ["l_ft", "f_ft"])
     lr: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2])
     epochs: list[int] = field(default_factory=lambda: [10])
@@ -44,7 +42,8 @@ class SweepConfig:
     # The objective is accuracy on a validation split held out from the training data, never the test
     # split. `noisy`: the data's own validation split with its given (possibly wrong) labels: all a user
     # without clean data has. `trusted`: a small clean labelled set the user supplies in `trusted_path`.
-    objective: Literal["noisy", "trusted"] = "noisy"
+    # `cleaned`: the validation samples the trial's own detection judged clean (their given labels).
+    objective: Literal["noisy", "trusted", "cleaned"] = "noisy"
     # Parquet (file, directory or s3:// / gs:// URI): either written by raypipe (table_from_samples) or
     # in the parquet source's format (data.image_column / data.label_column).
     trusted_path: str | None = None

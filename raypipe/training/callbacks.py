@@ -152,3 +152,20 @@ class Report(Callback):
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, Any], state: LoopState) -> None:
         self.sink(dict(metrics))
+
+
+class TimeBudget(Callback):
+    """Stops the loop once the next epoch would end past `budget_s` training seconds (at the mean epoch time so
+    far): a route given a wall time rather than an epoch count. The first epoch always runs. With data-parallel
+    ranks, `gather` makes every rank take rank 0's decision, so all stop at the same epoch."""
+
+    name = "time_budget"
+
+    def __init__(self, budget_s: float, gather: Gather | None = None):
+        self.budget_s, self.gather = budget_s, gather
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, Any], state: LoopState) -> None:
+        stop = state.seconds_train + state.seconds_per_epoch > self.budget_s
+        decisions = self.gather(stop) if self.gather is not None else [stop]
+        if decisions[0]:
+            state.stop = True

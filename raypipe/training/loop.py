@@ -215,6 +215,7 @@ class LoopState:
     epoch: int = 0
     seconds_train: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    stop: bool = False  # set by a callback (a time budget): the loop ends after this epoch
 
     @property
     def seconds_per_epoch(self) -> float:
@@ -264,6 +265,8 @@ def fit(
         state.history.append(metrics)
         for callback in callbacks:
             callback.on_epoch_end(epoch + 1, metrics, state)
+        if state.stop:
+            break
     return state
 
 
