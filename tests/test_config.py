@@ -15,7 +15,7 @@ def test_defaults_validate():
     config = load_config()
     assert config == Config().validate()
     assert config.initial.epochs == 60 and config.f_ft.lr == pytest.approx(1e-3)
-    assert config.run.routes == ["l_ft", "f_ft", "retrain"]
+    assert config.run.routes == ["l_ft", "f_ft", "relabel", "retrain"]
     assert config.attribution.rule == "loss"
     assert dataclasses.is_dataclass(config) and config.section("partition").tau == 0.5
 
