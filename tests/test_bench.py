@@ -199,3 +199,25 @@ def test_missing_fashion_mnist(monkeypatch, tmp_path):
     assert common.choose_data(quick=True) == "digits"
     with pytest.raises(SystemExit, match="apt-get install -y dataset-fashion-mnist"):
         common.choose_data(quick=False)
+
+
+def test_matched_budget_quick(tmp_path):
+    data, md = run_quick("matched_budget", tmp_path)
+    assert set(data) == {"meta", "summary", "per_seed"}
+    (seed,) = data["per_seed"]["sym40"].values()
+    rows = seed["rows"]
+    assert set(rows) == {f"{r}/{s}" for r in ("l_ft", "f_ft", "relabel") for s in ("pruned", "unpruned")}
+    epochs = seed["initial"]["epochs"]
+    for name, row in rows.items():
+        assert accuracy(row["accuracy"]) and accuracy(row["retrain_matched"]) and finite(row["seconds"], 0), name
+        assert 1 <= row["retrain_matched_epochs"] <= epochs, name  # the time budget never adds epochs
+    assert accuracy(seed["oracle"]["accuracy"]) and accuracy(seed["retrain_full"]["accuracy"])
+    assert seed["retrain_full"]["epochs"] == epochs
+    choice = seed["choice"]
+    assert choice["route"] in choice["test"] and choice["test_best"] in choice["test"]
+    assert finite(choice["loss"], 0.0, 1.0)  # test accuracy given up by choosing without the test split
+    # every candidate was scored on the validation samples detected as clean, none on the test split
+    assert set(choice["evidence"]) == set(choice["test"])
+    summary = data["summary"]["sym40"]
+    assert summary["best_route"] in rows and all(finite(v) for v in summary["rows"]["f_ft/pruned"]["gap"])
+    assert "## sym40" in md and "Retrain same wall" in md and "Pruning on - off" in md

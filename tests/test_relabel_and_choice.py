@@ -4,6 +4,8 @@ one planted run (in-process, digits) where the test-best route is known."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -160,7 +162,7 @@ def planted_run(tmp_path_factory):
     return out, report
 
 
-def test_recommended_route_is_the_test_best_and_never_reads_the_test_split(planted_run):
+def test_recommended_route_is_the_test_best_and_never_reads_the_test_split(planted_run, tmp_path):
     from raypipe.report.choice import recommendation
 
     out, report = planted_run
@@ -171,8 +173,9 @@ def test_recommended_route_is_the_test_best_and_never_reads_the_test_split(plant
     assert choice["route"] == "f_ft"
     assert set(choice["evidence"]) == set(test_acc) and all(s["n"] > 0 for s in choice["evidence"].values())
     assert report["validation_detection"]["n_clean"] == choice["evidence"]["f_ft"]["n"]
-    # without the test split the choice and its evidence are the same: it was never read
-    lay = RunLayout(out)
+    # without the test split the choice and its evidence are the same: it was never read (on a copy of the run)
+    shutil.copytree(out, tmp_path / "run")
+    lay = RunLayout(str(tmp_path / "run"))
     storage.remove_tree(layout.split_dir(lay.stage("data"), "test"))
     assert recommendation(lay, list(test_acc)) == choice
 
@@ -203,3 +206,16 @@ def test_sweep_objective_cleaned_scores_each_trial_on_its_own_cleaned_val(tmp_pa
     assert validation_uri(config, str(tmp_path), trial) == layout.cleaned_val_file(trial.stage("partition"))
     noisy = load_sweep_config(None, ["sweep.objective=noisy"])
     assert validation_uri(noisy, str(tmp_path), trial).endswith("data/val/part-00000.parquet")
+
+
+def test_retrain_with_a_time_budget_stops_early_and_publishes_its_model(planted_run, tmp_path):
+    from raypipe.executors import LocalExecutor
+    from raypipe.pipeline import Run
+
+    out, _ = planted_run
+    base = RunLayout(out)
+    lay = RunLayout(str(tmp_path), {"data": base.stage("data"), "partition": base.stage("partition")})
+    cfg = load_config(None, [*PLANTED, "retrain.epochs=5", "retrain.time_budget_s=0.001"])
+    summary = Run(cfg, lay, LocalExecutor(**QUIET), **QUIET).run(["retrain"]).summary("retrain")
+    assert summary["epochs"] == 1 and len(summary["history"]) == 1  # the first epoch always runs
+    assert storage.exists(lay.model("retrain")) and not storage.exists(layout.checkpoint_file(lay.stage("retrain")))
