@@ -34,7 +34,6 @@ from typing import Any
 
 from raypipe import layout, storage
 from raypipe.config import FINE_TUNE_ROUTES, REPAIR_ROUTES, Config, dump_config
-from raypipe.core.models import model_signature
 from raypipe.data import input_files
 from raypipe.errors import ConfigError, DamagedFileError, RaypipeError
 from raypipe.layout import RunLayout
@@ -43,9 +42,7 @@ from raypipe.report.report import remove_report
 from raypipe.stages import Executor, attribution, partition, prune
 from raypipe.stages import data as data_stage
 from raypipe.stages.signals import early_model_epoch, missing_signals, records_trajectory
-from raypipe.stages.train import TrainRequest
-from raypipe.training.checkpoint import load_model, save_model
-from raypipe.training.loop import evaluate, resolve_device
+from raypipe.stages.train import TrainRequest, publish_given_model
 
 
 @dataclass(frozen=True)
@@ -106,11 +103,7 @@ def _initial(r: Run, uri: str) -> dict[str, Any]:
     if cfg.model.checkpoint is None:  # trained here to convergence on the noisy data
         return r.executor.train(train_request(r, "initial", uri))
     data = r.summary("data")
-    signature = model_signature(cfg.model, tuple(data["sample_shape"]), data["num_classes"])
-    model, _, extra = load_model(cfg.model.checkpoint, expect=signature)
-    save_model(layout.model_file(uri), model, signature, extra)
-    test = data_stage.read_split(r.layout.stage("data"), "test")
-    return {**evaluate(model, test.x, test.label, resolve_device("cpu")), "given": cfg.model.checkpoint}
+    return publish_given_model(cfg.model, r.layout.stage("data"), data["sample_shape"], data["num_classes"], uri)
 
 
 def _initial_settings(cfg: Config) -> dict[str, Any]:
@@ -143,9 +136,7 @@ def _attribution(r: Run, uri: str) -> dict[str, Any]:
         tuple(probe_models.items()),
     )
     rows = r.executor.attribute(spec, jobs)
-    val = attribution.pending_val(r.layout.stage("data"), uri, data["rows"].get("val", 0))
-    if val:  # the validation split through the same pass (no features): its own detection in the partition
-        r.executor.attribute(dataclasses.replace(spec, keep_features=False), val)
+    attribution.attribute_val(r.executor, spec, r.layout.stage("data"), uri, data["rows"].get("val", 0))
     probe_columns = ["probe", *(f"probe_{name}" for name in probe_models)]
     return {"rule": rule, "rows": data["rows"]["train"], "rows_computed": rows, "probe_columns": probe_columns}
 

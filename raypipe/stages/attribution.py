@@ -17,6 +17,7 @@ partition can detect its wrong labels too and the routes be compared on its samp
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,10 +116,15 @@ def pending_shards(data_shards: list[str], out_uri: str) -> list[tuple[str, str]
     return jobs
 
 
-def pending_val(data_uri: str, out_uri: str, val_rows: int) -> list[tuple[str, str]]:
-    """The validation split's job, [(its file, its attribution file)], unless it is done or the split is empty."""
+def attribute_val(executor, spec: AttributionPass, data_uri: str, out_uri: str, val_rows: int) -> int:
+    """The validation split through the same pass as the training shards (without features), unless it is done
+    or empty: its own detection in the partition -> rows written."""
     target = layout.val_attribution_file(out_uri)
-    return [] if val_rows == 0 or storage.exists(target) else [(layout.split_file(data_uri, "val"), target)]
+    if val_rows == 0 or storage.exists(target):
+        return 0
+    return executor.attribute(
+        dataclasses.replace(spec, keep_features=False), [(layout.split_file(data_uri, "val"), target)]
+    )
 
 
 def read_features(attribution_uri: str, ids: np.ndarray, max_bytes: int) -> dict[str, np.ndarray] | None:

@@ -158,6 +158,16 @@ def starting_model(request: TrainRequest, sample_shape, num_classes):
     return model, signature
 
 
+def publish_given_model(model_cfg: ModelConfig, data_uri: str, sample_shape, num_classes: int, out_uri: str):
+    """Stage `initial` with model.checkpoint given: checked against the data's shape and classes, published as the
+    stage's model.pt -> its summary (accuracy on the test split)."""
+    signature = model_signature(model_cfg, tuple(sample_shape), num_classes)
+    model, _, extra = load_model(model_cfg.checkpoint, expect=signature)
+    save_model(layout.model_file(out_uri), model, signature, extra)
+    test = read_split(data_uri, "test")
+    return {**evaluate(model, test.x, test.label, resolve_device("cpu")), "given": model_cfg.checkpoint}
+
+
 def write_trajectory(out_uri: str, recorder, early_loss_epoch: int) -> None:
     """``trajectory/part-00000.parquet``: sample_id, aum, early_loss (NaN if that epoch was not run),
     wrong_events (in how many recorded epochs the prediction was not the given label), epochs_recorded."""
