@@ -235,6 +235,13 @@ def write_report(run_layout: RunLayout, config: Config, manifests: dict[str, dic
     log(f"[report] {run_layout.report_md}")
     for route, m in report["routes"].items():
         log(f"  {ROUTE_TITLES[route]:8s} accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}")
+    choice = report["recommended_route"]
+    if choice["route"] is not None:
+        evidence = choice["evidence"][choice["route"]]
+        log(
+            f"[report] recommended route: {ROUTE_TITLES[choice['route']]} (accuracy {evidence['accuracy']:.4f} on the "
+            f"{evidence['n']} validation samples detected as clean; the test split was not used)"
+        )
     for warning in report["warnings"]:
         log(f"[report] warning: {warning}")
     return report
