@@ -221,18 +221,8 @@ def run(
     out = write_split(out_uri, names, lengths, cols, p_noisy, is_clean, score, signals, cfg.relabel_min_vote_share)
     storage.write_json(layout.mixture_file(out_uri), mixture.describe())
     # 4. The validation split's own detection, by the training split's decision (for choosing a route).
-    validation = detect_validation(
-        attribution_uri,
-        data_uri,
-        out_uri,
-        (signals, cols["label"], is_clean),
-        (mixture, spaces),
-        det,
-        cfg.tau,
-        num_classes,
-        seed,
-        truth_known,
-    )
+    train, fitted = (signals, cols["label"], is_clean), (mixture, spaces)
+    validation = detect_validation(attribution_uri, data_uri, out_uri, train, fitted, det, cfg.tau, seed, truth_known)
     summary: dict[str, Any] = {
         "n_clean": int(is_clean.sum()),
         "n_noisy": int((~is_clean).sum()),
@@ -242,16 +232,9 @@ def run(
         "transition_matrix": transition,
         "relabel": relabel_summary(cols, out["suggested_label"], out["relabelled_to"], ~is_clean, truth_known),
         "validation": validation,
-        "mixture": {
-            **{
-                k: v
-                for k, v in mixture.describe().items()
-                if k in ("weights", "noisy_component", "component_mean_loss")
-            },
-            # the attribution mixture is the split's own decision only for detection.signal=attribution; otherwise
-            # its p_noisy is one signal among those the decision read
-            "made_the_split": signals_used["signal"] == "attribution",
-        },
+        # the attribution mixture is the split's own decision only for detection.signal=attribution; otherwise
+        # its p_noisy is one signal among those the decision read
+        "mixture": {**mixture_summary(mixture), "made_the_split": signals_used["signal"] == "attribution"},
     }
     if "is_corrupted" in cols and truth_known:
         summary["detection"] = score_detection(cols["is_corrupted"], p_noisy, score, signals, cfg.tau)
@@ -262,6 +245,11 @@ def run(
         + (f"; detection F1 {det_m['f1']:.3f} AUROC {det_m['auroc']:.3f}" if det_m else "")
     )
     return summary
+
+
+def mixture_summary(mixture: MixtureFit) -> dict[str, Any]:
+    """What the report shows of the attribution mixture's fit."""
+    return {k: v for k, v in mixture.describe().items() if k in MIXTURE_SUMMARY}
 
 
 def score_detection(truth, p_noisy, score, signals: dict[str, np.ndarray], tau: float) -> dict[str, Any]:

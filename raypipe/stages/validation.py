@@ -61,13 +61,12 @@ def detect_validation(
     fitted: tuple[Any, ProbeSpaces],
     det,
     tau: float,
-    num_classes: int,
     seed: int,
     truth_known: bool,
 ) -> dict[str, Any] | None:
     """`train`: (the training split's signals, given labels, is_clean); `fitted`: (the attribution mixture, the
-    probe spaces) -> the summary of the validation split's detection; None when it has no attribution (no
-    validation split, or an attribution stage from before this existed)."""
+    probe spaces) -> the summary of the validation split's detection (scored when `truth_known`);
+    None when it has no attribution (no validation split, or an attribution stage from before this existed)."""
     val_attribution = layout.val_attribution_file(attribution_uri)
     if not storage.exists(val_attribution):
         return None
@@ -78,6 +77,7 @@ def detect_validation(
     train_signals, train_labels, train_clean = train
     names = [n for n in TRANSFER_SIGNALS if n in train_signals and n in val_signals]
     names = names or [n for n in FALLBACK_SIGNALS if n in train_signals and n in val_signals]
+    num_classes = int(max(train_labels.max(), cols["label"].max())) + 1
     transfer = fit_transfer({n: train_signals[n] for n in names}, train_labels, ~train_clean, num_classes, seed)
     cols["p_noisy"] = transfer.p_noisy({n: val_signals[n] for n in names}, cols["label"])
     cols["is_clean"] = split(cols["p_noisy"], tau)
