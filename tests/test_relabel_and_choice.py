@@ -219,3 +219,31 @@ def test_retrain_with_a_time_budget_stops_early_and_publishes_its_model(planted_
     summary = Run(cfg, lay, LocalExecutor(**QUIET), **QUIET).run(["retrain"]).summary("retrain")
     assert summary["epochs"] == 1 and len(summary["history"]) == 1  # the first epoch always runs
     assert storage.exists(lay.model("retrain")) and not storage.exists(layout.checkpoint_file(lay.stage("retrain")))
+
+
+def test_a_relabel_trial_with_the_cleaned_objective_scores_its_own_cleaned_val(tmp_path):
+    """One sweep trial in this process (no Ray): the relabel route is a sweep choice, and with objective `cleaned`
+    its per-epoch objective is the accuracy on the validation samples its own partition detected as clean."""
+    from raypipe.data import samples_from_table
+    from raypipe.executors import LocalExecutor
+    from raypipe.sweep.space import TrialSpec
+    from raypipe.sweep.trial import METRIC, prepare_base, run_trial
+    from raypipe.training.checkpoint import load_model
+    from raypipe.training.loop import evaluate, resolve_device
+
+    config = load_sweep_config(
+        None, ["data.max_train_samples=400", "initial.epochs=6", "sweep.objective=cleaned", "sweep.routes=[relabel]"]
+    )
+    reports = []
+    sweep_uri, executor = str(tmp_path), LocalExecutor(QUIET["log"], report=reports.append)
+    prepare_base(config, sweep_uri, LocalExecutor(**QUIET), **QUIET)
+    spec = TrialSpec(lr=1e-3, epochs=2, route="relabel", rule="loss", tau=0.5, prune_fraction=0.156)
+    run_trial(config, sweep_uri, "t0", spec, reports.append, executor, **QUIET)
+    assert [r["epoch"] for r in reports] == [1, 2]
+    trial = SweepLayout(sweep_uri).trial("t0", "loss")
+    cleaned = samples_from_table(storage.read_table(layout.cleaned_val_file(trial.stage("partition"))))
+    n_val = storage.read_manifest(trial.stage("data"))["summary"]["rows"]["val"]
+    assert 0 < len(cleaned) < n_val
+    model = load_model(trial.model("relabel"))[0]
+    expected = evaluate(model, cleaned.x, cleaned.label, resolve_device("cpu"))["accuracy"]
+    assert reports[-1][METRIC] == pytest.approx(expected)
