@@ -90,7 +90,8 @@ def run_sweep(config, out: str, log=print) -> dict[str, Any]:
 
 def load_model(path: str, route: str = "f_ft"):
     """The model a run wrote, as a `torch.nn.Module` in eval mode on the CPU: `path` is a run directory (its
-    `route`: ``f_ft`` the repaired model, ``l_ft``, ``retrain``, ``prune`` or ``initial``) or a ``model.pt``.
+    `route`: ``f_ft`` the repaired model, ``l_ft``, ``relabel``, ``retrain``, ``prune`` or ``initial``; report.json
+    `recommended_route` names the one to use) or a ``model.pt``.
     It maps a float32 batch ``[B, *sample_shape]`` (pixels in [0, 1]) to logits ``[B, num_classes]``;
     ``model.probe_mask`` holds the pruned neurons (0). Loading never runs code from the file."""
     from raypipe.training.checkpoint import load_model as load_checkpoint
