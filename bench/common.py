@@ -342,6 +342,11 @@ def label_noise_overrides(n: int, epochs: int, model: str, ft_epochs: int) -> li
     ]
 
 
+def gap(acc: float, initial: float, oracle: float) -> float:
+    """The share of the Initial -> Oracle gap a route closed (0: no better than the Initial, 1: the Oracle)."""
+    return (acc - initial) / (oracle - initial) if oracle != initial else float("nan")
+
+
 def overhead_seconds(seconds: dict[str, float]) -> float:
     """What a repair route pays besides its own training (attribution + partition + prune, as
     report.json's seconds_total counts it), from per-stage seconds, wall or CPU."""

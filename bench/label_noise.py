@@ -55,8 +55,7 @@ CURVE_EPOCHS = (5, 10, 20, 40)
 CURVE_SEEDS = (0, 1, 2)  # Retrain (at the Initial's epoch budget) is run for these rows only (time)
 
 
-def gap(acc: float, initial: float, oracle: float) -> float:
-    return (acc - initial) / (oracle - initial) if oracle != initial else float("nan")
+gap = C.gap
 
 
 def main() -> None:

@@ -40,8 +40,7 @@ GOALS = {"sym40": 0.95, "pairs40": 0.85}  # gap the best repair route must close
 MAX_WALL_RATIO, MIN_LEAD, MAX_CHOICE_LOSS, MIN_FIT = 0.2, 0.01, 0.005, 0.95
 
 
-def gap(acc: float, initial: float, oracle: float) -> float:
-    return (acc - initial) / (oracle - initial) if oracle != initial else float("nan")
+gap = C.gap
 
 
 def overrides(n: int, epochs: int, model: str, ft_epochs: int, noise: str, seed: int) -> list[str]:
