@@ -200,3 +200,28 @@ def test_same_settings_same_accuracy_in_process_and_on_ray(base_run, ray_cluster
     assert [h["train_loss"] for h in task["history"]] == pytest.approx([h["train_loss"] for h in local[0]["history"]])
     spread = max(r["accuracy"] for r in local.values()) - min(r["accuracy"] for r in local.values())
     assert abs(ddp["accuracy"] - local[0]["accuracy"]) <= max(spread, 0.01), (ddp["accuracy"], local, spread)
+
+
+def test_relabel_on_ray_train_and_a_time_budget_that_stops_every_rank(base_run, ray_cluster, tmp_path):
+    """The relabel route on 2 Ray Train workers trains on the samples it trains on in one process (the clean part
+    plus the relabelled); with a time budget every rank stops after the same (first) epoch and the model is out."""
+    from raypipe.distributed.ray_executor import RayExecutor
+    from raypipe.stages.train import relabelled_rows
+
+    out = tmp_path / "run"
+    shutil.copytree(base_run, out)
+    over = ["data.shard_rows=300", "initial.epochs=5", "detection.early_epoch=2", "relabel.epochs=3"]
+    config = load_config(None, [*over, "run.routes=[relabel]"])
+    quiet = {"log": lambda *_: None}
+    run = Run(config, RunLayout(str(out)), LocalExecutor(**quiet), **quiet).run(["attribution", "partition", "prune"])
+    request = train_request(run, "relabel", "")
+    local = LocalExecutor(**quiet).train(dataclasses.replace(request, out_uri=str(tmp_path / "local")))
+    budget = dataclasses.replace(request.train, time_budget_s=1e-3)
+    ddp = RayExecutor(load_config(None, ["ray.num_workers=2"]), **quiet).train(
+        dataclasses.replace(request, out_uri=str(tmp_path / "ddp"), train=budget)
+    )
+    n_relabelled = len(relabelled_rows(run.layout.stage("partition"))[0])
+    assert n_relabelled > 0 and local["n_train"] == run.summary("partition")["n_clean"] + n_relabelled
+    assert ddp["num_workers"] == 2 and ddp["n_train"] == local["n_train"]
+    assert local["epochs"] == 3 and ddp["epochs"] == 1 and len(ddp["history"]) == 1
+    assert storage.exists(str(tmp_path / "ddp" / "model.pt"))

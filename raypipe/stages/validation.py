@@ -25,9 +25,10 @@ from raypipe.stages.signals import ProbeSpaces, gather_signals, signal_shard
 from raypipe.stages.train import keep_ids
 from raypipe.tables import columns_from_table, table_from_columns
 
-# Signals carried over to the validation split: computed against the training split's references the same way
-# for a sample the model trained on and one it did not. The loss and the attribution mixture are left out while
-# any of these exist: on a model that memorized its training labels they measure something else on the two.
+# Signals carried over to the validation split: each compares a sample's probe activations with the training
+# split's references (neighbours' labels, class directions), for a training and a validation sample alike. The
+# loss and the attribution mixture are left out while any of these exist: a model that memorized its training
+# labels has a near-zero loss on every training sample, right label or wrong, but not on a validation sample.
 TRANSFER_SIGNALS = ("knn", "knn_early", "fine")
 FALLBACK_SIGNALS = ("attribution", "loss")
 KNN_SPACES = ("knn", "knn_early")
