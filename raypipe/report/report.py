@@ -2,7 +2,7 @@
 
 Times: ``seconds_per_epoch`` is the training loop's; ``seconds_total`` is the whole wall time of a
 route as a user pays it: for `initial` and `retrain` their training stage; for the repair routes
-`l_ft` / `f_ft` attribution + partition + pruning + their fine-tuning (the paper compared seconds
+`l_ft` / `f_ft` / `relabel` attribution + partition + pruning + their fine-tuning (the paper compared seconds
 per epoch only). A training stage's own seconds run from its start to its end on its workers, not
 counting a wait for a free slot; routes that ran side by side (on Ray, each with its own workers)
 are listed under ``routes_overlapped``, and the markdown says so.
@@ -136,7 +136,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         ("seconds_total", "total seconds", 2),
     ]:
         lines.append(f"| {title} | " + " | ".join(_fmt(routes[c].get(key), digits) for c in cols) + " |")
-    lines += ["", "Total seconds of L-FT / F-FT include attribution, partition and pruning.", ""]
+    lines += ["", "Total seconds of L-FT / F-FT / Relabel include attribution, partition and pruning.", ""]
     overlapped = report.get("routes_overlapped", {})
     if overlapped:
         names = ", ".join(ROUTE_TITLES[r] for r in ROUTES if r in overlapped)
