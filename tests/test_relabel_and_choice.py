@@ -96,7 +96,8 @@ def test_transfer_of_a_constant_decision_is_that_constant():
 def test_recommend_route_picks_the_best_and_the_first_on_a_tie():
     scores = {"initial": {"accuracy": 0.7, "n": 10}, "f_ft": {"accuracy": 0.9, "n": 10}}
     assert recommend_route({**scores, "retrain": {"accuracy": 0.8, "n": 10}})["route"] == "f_ft"
-    assert recommend_route({**scores, "relabel": {"accuracy": 0.9, "n": 10}})["route"] == "f_ft"
+    tie = recommend_route({**scores, "relabel": {"accuracy": 0.9, "n": 10}})
+    assert tie["route"] == "f_ft" and "tied with relabel" in tie["why"]
     assert recommend_route({**scores, "relabel": {"accuracy": 0.95, "n": 10}})["route"] == "relabel"
     assert recommend_route({})["route"] is None
     assert recommend_route({"f_ft": {"accuracy": 0.9, "n": 0}})["route"] is None

@@ -16,8 +16,13 @@ def recommend_route(scores: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if not scored:
         return {"route": None, "why": "no validation sample was detected as clean (or no validation split)"}
     best = max(scored, key=lambda r: (scored[r]["accuracy"], -list(scored).index(r)))
+    top = scored[best]["accuracy"]
+    tied = [r for r, s in scored.items() if r != best and s["accuracy"] == top]
     runner_up = max((s["accuracy"] for r, s in scored.items() if r != best), default=None)
-    margin = "" if runner_up is None else f", {scored[best]['accuracy'] - runner_up:+.4f} over the next route"
+    if tied:
+        margin = f", tied with {', '.join(tied)}: the first listed (the cheaper) is taken"
+    else:
+        margin = "" if runner_up is None else f", {top - runner_up:+.4f} over the next route"
     why = (
         f"highest accuracy on the {scored[best]['n']} validation samples detected as clean "
         f"({scored[best]['accuracy']:.4f}{margin}); the test split was not read"
