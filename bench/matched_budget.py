@@ -165,7 +165,7 @@ def render(summary: dict[str, dict], n_seeds: int) -> str:
             "",
         ]
         if s["oracle"][0] <= s["initial"][0]:
-            lines += ["**The Oracle does not beat the Initial here: the gap closed means nothing here.**", ""]
+            lines += ["**The Oracle does not beat the Initial: the gap closed means nothing here.**", ""]
         header = [
             "route",
             "start",
