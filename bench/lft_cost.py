@@ -3,9 +3,10 @@
 L-FT trains the head (probe layer and last layer) on the frozen backbone's features, which the
 attribution pass keeps (`CachedFeatures`): an epoch is the head's forward and backward on [N, F]
 features. A full-model epoch (F-FT, Retrain, the Initial) is the whole network's forward and backward.
-The ratio of their FLOPs per training step (torch's FlopCounterMode, batch of the shipped configs) is a
-floor no implementation of L-FT beats on the same hardware; the measured seconds say how close the
-one training loop (`prepare` + `train_epoch`) comes to it.
+The ratio of their FLOPs per training step (torch's FlopCounterMode, batch of the shipped configs) is
+what an L-FT epoch would cost if time followed FLOPs (the head's small matrix products run no faster
+per FLOP than the backbone's convolutions, so in practice it is a floor); the measured seconds say how
+close the one training loop (`prepare` + `train_epoch`) comes to it.
 
 Inputs are random tensors of each model's input shape (cost does not depend on content), fresh
 models, Adam at the shipped batch 128. Timings alternate the two epochs within each repeat so load
@@ -141,8 +142,8 @@ def main() -> None:
     ]
     md = [
         "Median of the repeats; both epochs through raypipe's training loop, batch 128, Adam, one thread. "
-        "`FLOPs floor` = the head's FLOPs per training step over the whole model's: no L-FT on the same "
-        "hardware costs less than that fraction of a full epoch. `features once` = the backbone pass over "
+        "`FLOPs floor` = the head's FLOPs per training step over the whole model's: what an L-FT epoch "
+        "would cost, as a fraction of a full epoch, if time followed FLOPs. `features once` = the backbone pass over "
         "the training samples that the attribution pass does anyway (kept for L-FT).",
         "",
         C.md_table(header, rows),
