@@ -248,3 +248,17 @@ def test_a_relabel_trial_with_the_cleaned_objective_scores_its_own_cleaned_val(t
     model = load_model(trial.model("relabel"))[0]
     expected = evaluate(model, cleaned.x, cleaned.label, resolve_device("cpu"))["accuracy"]
     assert reports[-1][METRIC] == pytest.approx(expected)
+
+
+def test_the_validation_detection_folders_each_read_whole_with_pandas(planted_run):
+    import pandas as pd
+
+    out, report = planted_run
+    partition = RunLayout(out).stage("partition")
+    detected = pd.read_parquet(storage.join(partition, "val"))
+    cleaned = pd.read_parquet(storage.join(partition, "val_cleaned"))
+    n_val = storage.read_manifest(RunLayout(out).stage("data"))["summary"]["rows"]["val"]
+    assert len(detected) == n_val and detected["sample_id"].is_unique
+    assert len(cleaned) == int(detected["is_clean"].sum()) == report["validation_detection"]["n_clean"]
+    assert set(cleaned["sample_id"]) == set(detected["sample_id"][detected["is_clean"]])
+    assert ((detected["p_noisy"] < 0.5) == detected["is_clean"]).all()
