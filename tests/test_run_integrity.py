@@ -267,7 +267,7 @@ def test_shared_stage_that_is_damaged_is_not_recomputed_by_a_reader(run_copy):
     from raypipe.pipeline import STAGES as TABLE
     from raypipe.pipeline import Run
 
-    (run_copy / "attribution" / "part-00000.parquet").unlink()
+    (run_copy / "attribution" / "samples" / "part-00000.parquet").unlink()
     trial = RunLayout(
         str(run_copy.parent / "trial"), {s: str(run_copy / s) for s in ("data", "initial", "attribution")}
     )
