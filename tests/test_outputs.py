@@ -42,6 +42,8 @@ def test_the_console_is_short_and_says_what_matters(finished):
     for route in ("initial", "l_ft", "f_ft", "retrain"):
         assert any(line.startswith(f"[{route}] epoch ") for line in lines), route
     assert any(line.startswith("  F-FT     accuracy") for line in lines)
+    assert lines[1] == "  data       digits, symmetric noise 0.4 injected"  # the benchmark keeps its noise
+    assert "symmetric noise 0.4 injected" in (out / "report.md").read_text()
 
 
 def test_config_yaml_is_what_raypipe_config_prints(finished):
