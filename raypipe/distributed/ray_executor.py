@@ -45,6 +45,10 @@ def init_ray(address: str | None, log=print) -> None:
     # default), and report() is a barrier: with short epochs that poll dominated the wall time.
     # Ray Train passes this variable from the driver to its controller and workers, on any cluster.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if address is None:
+        # A local cluster of our own: token authentication, as Ray starts one by default, said explicitly (Ray's
+        # documented RAY_AUTH_MODE), so Ray does not warn that its default changed. A mode already set is kept.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         ray.init(address=address, log_to_driver=True, logging_level="WARNING")
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
