@@ -45,10 +45,11 @@ def init_ray(address: str | None, log=print) -> None:
     # default), and report() is a barrier: with short epochs that poll dominated the wall time.
     # Ray Train passes this variable from the driver to its controller and workers, on any cluster.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    if address is None and _auth_token_available():
-        # Local Ray with a token at hand: Ray turns token authentication on by itself (a cluster it starts, or the
-        # local one it finds) and warns that it did; said explicitly (Ray's documented RAY_AUTH_MODE), the same
-        # mode without the warning. A mode already set is kept; without a token, Ray decides (and generates one).
+    if address == "local" or (address is None and _auth_token_available()):
+        # Local Ray: Ray turns token authentication on by itself for a cluster it starts (generating a token) and
+        # for the local one it finds when a token is at hand, and warns that it did; said explicitly (Ray's
+        # documented RAY_AUTH_MODE), the same mode without the warning. A mode already set is kept; otherwise
+        # (joining a local cluster without a token) Ray decides, as before.
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         ray.init(address=address, log_to_driver=True, logging_level="WARNING")
