@@ -45,25 +45,11 @@ def init_ray(address: str | None, log=print) -> None:
     # default), and report() is a barrier: with short epochs that poll dominated the wall time.
     # Ray Train passes this variable from the driver to its controller and workers, on any cluster.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    if address == "local" or (address is None and _auth_token_available()):
-        # Local Ray: Ray turns token authentication on by itself for a cluster it starts (generating a token) and
-        # for the local one it finds when a token is at hand, and warns that it did; said explicitly (Ray's
-        # documented RAY_AUTH_MODE), the same mode without the warning. A mode already set is kept; otherwise
-        # (joining a local cluster without a token) Ray decides, as before.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         ray.init(address=address, log_to_driver=True, logging_level="WARNING")
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
         raise unreachable(address, (str(e).strip().splitlines() or [type(e).__name__])[0]) from None
     log(f"[ray] connected: {ray.cluster_resources()}")
-
-
-def _auth_token_available() -> bool:
-    """Whether a Ray authentication token is where Ray looks for one: RAY_AUTH_TOKEN, the file named by
-    RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return True
-    return os.path.isfile(os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token"))
 
 
 def placement_resources(worker_resource: str | None) -> dict[str, float]:
