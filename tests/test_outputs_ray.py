@@ -55,6 +55,9 @@ def test_the_ray_console_shows_each_epoch_once_and_no_train_reports(console_and_
         for epoch in range(1, epochs + 1):
             assert console.count(f"[{route}] epoch {epoch}/{epochs} loss ") == 1, (route, epoch, console)
     assert "Reporting training result" not in console
+    # Ray Train's own INFO lines (ray.train.LoggingConfig at WARNING): its worker groups, devices, process groups.
+    for line in ("training worker group", "Requesting resources", "Moving model to device", "Setting up process group"):
+        assert line not in console, line
 
 
 def test_every_folder_is_one_data_set_for_ray_data_and_pandas(finished, ray_cluster, data_set_folders):
