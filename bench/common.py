@@ -49,6 +49,7 @@ DATASETS = {
     "fashion-mnist": f"Fashion-MNIST ({DEBIAN_FASHION_MNIST}), official 10k test split (clean)",
     "digits": "scikit-learn's digits (Fashion-MNIST is not installed: the --quick fallback), "
     "a stratified 20% test split (clean)",
+    "random": "random tensors of each model's input shape (cost does not depend on content)",
     "synthetic-cifar": "synthetic CIFAR-shaped images (3x32x32 uint8, 10 classes) written by bench/gpu.py, "
     "a 20% test split",
 }

@@ -40,7 +40,7 @@ def run_quick(name: str, tmp_path: Path, runs: bool = True) -> tuple[dict, str]:
     data = json.loads((results / f"{name}_quick.json").read_text())
     md = (results / f"{name}_quick.md").read_text()
     meta = data["meta"]
-    assert meta["dataset"] in ("fashion-mnist", "digits", "synthetic-cifar")
+    assert meta["dataset"] in ("fashion-mnist", "digits", "synthetic-cifar", "random")
     assert "--quick" in meta["command"] and meta["wall_seconds"] > 0
     assert md.startswith("# ") and "\nData: " in md and "## Against the goal" in md
     return data, md
@@ -141,6 +141,20 @@ def test_attribution_cost_quick(tmp_path):
         for method, m in run["methods"].items():
             assert finite(m["samples_per_s"], 0) and finite(m["x_inference"], 0), method
     assert "## cnn_small" in md
+
+
+def test_lft_cost_quick(tmp_path):
+    data, md = run_quick("lft_cost", tmp_path, runs=False)
+    assert [r["model"] for r in data["runs"]] == ["mlp", "cnn_small", "resnet18_cifar"]
+    for run in data["runs"]:
+        # The head is part of the model: its FLOPs per step are a positive fraction of the whole model's.
+        assert finite(run["flops_floor"], 0, 1) and run["flops_floor"] > 0, run["model"]
+        assert finite(run["lft_epoch_s"], 0) and finite(run["full_epoch_s"], 0)
+        assert math.isclose(run["lft_over_full"], run["lft_epoch_s"] / run["full_epoch_s"])
+    by_model = {r["model"]: r for r in data["runs"]}
+    # The MLP's backbone is one layer, so its head is most of it; ResNet-18's head is a sliver.
+    assert by_model["mlp"]["flops_floor"] > 0.3 > 0.01 > by_model["resnet18_cifar"]["flops_floor"]
+    assert "FLOPs floor" in md
 
 
 def test_scale_quick(tmp_path):
