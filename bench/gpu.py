@@ -56,6 +56,7 @@ def overrides(data_path: Path, quick: bool, epochs: int, ft_epochs: int) -> list
         f"data.path={data_path.resolve()}",
         f"data.shape={list(IMAGE_SHAPE)}",
         f"data.num_classes={CLASSES}",
+        "noise.apply_to=any",  # a benchmark table: the configured label noise goes in, as on a built-in set
         "data.shard_rows=256" if quick else "data.shard_rows=4096",
         *(["model.name=cnn_small", "ray.use_gpu=auto"] if quick else ["model.name=resnet18_cifar", "ray.use_gpu=true"]),
         *ep,

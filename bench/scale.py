@@ -29,7 +29,8 @@ import numpy as np
 
 from raypipe import pipeline, storage
 from raypipe.executors import LocalExecutor
-from raypipe.layout import RunLayout, shard_name
+from raypipe.layout import RunLayout, attribution_dir, shard_name
+from raypipe.stages.attribution import shards as attribution_shards
 
 NUM_CLASSES = 10  # Fashion-MNIST and digits alike
 SETTINGS = {
@@ -64,11 +65,11 @@ def replicate(src: RunLayout, rows: int, work: RunLayout, shard_rows: int = 2048
     from raypipe.tables import columns_from_table, table_from_columns
 
     attr_dir = work.stage("attribution")
-    existing = storage.list_files(attr_dir, ".parquet") if storage.exists(attr_dir) else []
+    existing = attribution_shards(attr_dir) if storage.exists(attr_dir) else []
     if existing and sum(pq.read_metadata(uri).num_rows for uri in existing) == rows:
         return attr_dir
     C.fresh_dir(Path(attr_dir))
-    tables = [storage.read_table(u) for u in storage.list_files(src.stage("attribution"), ".parquet")]
+    tables = [storage.read_table(u) for u in attribution_shards(src.stage("attribution"))]
     base = columns_from_table(pa.concat_tables(tables))
     n0 = len(base["sample_id"])
     stride = int(base["sample_id"].max()) + 1
@@ -83,7 +84,7 @@ def replicate(src: RunLayout, rows: int, work: RunLayout, shard_rows: int = 2048
         for k in ("probe", "attribution"):
             if rep.max() > 0:
                 cols[k] = (cols[k] * (1 + 0.01 * rng.standard_normal(cols[k].shape))).astype(np.float32)
-        storage.write_table(storage.join(attr_dir, shard_name(shard)), table_from_columns(cols))
+        storage.write_table(storage.join(attribution_dir(attr_dir), shard_name(shard)), table_from_columns(cols))
         written += take
         shard += 1
     return attr_dir

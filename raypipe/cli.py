@@ -77,11 +77,13 @@ def relative_out_in_job(out: str, environ=os.environ) -> str | None:
 
 def summary_lines(config, out: str, command: str = "run") -> list[str]:
     """A one-screen view of what a run (or sweep) will do; the whole resolved config goes to config.yaml."""
-    from raypipe.data import labels_of_test_split
+    from raypipe.data import describe_noise, injected_noise, labels_of_test_split
 
     data, noise, det = config.data, config.noise, config.detection
     where = f" '{data.path}'" if data.path else ""
-    noise_text = "no noise injected" if noise.kind == "none" else f"{noise.kind} noise {noise.rate:g} injected"
+    noise_text = describe_noise(injected_noise(noise, data.source))
+    if data.source == "parquet" and noise.apply_to != "any":
+        noise_text += " (your own table, as it is; noise.apply_to=any injects noise.kind)"
     model = f"model.checkpoint '{config.model.checkpoint}'" if config.model.checkpoint else "trained here"
     epochs = ", ".join(f"{r} {config.section(r).epochs}" for r in ("initial", *config.run.routes))
     lines = [

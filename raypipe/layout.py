@@ -9,9 +9,9 @@ its ``_manifest.json``, plus the run's own files::
     <run>/data/train/part-NNNNN.parquet    training shards (the unit of parallel, resumable work)
     <run>/data/val/part-00000.parquet, data/test/part-00000.parquet
     <run>/initial/model.pt                 the model to repair (+ trajectory/, early_model.pt when raypipe trained it)
-    <run>/attribution/part-NNNNN.parquet   one row per training sample, aligned with the data shards
+    <run>/attribution/samples/part-NNNNN.parquet    one row per training sample, aligned with the data shards
     <run>/attribution/features/part-NNNNN.parquet   the backbone's features (the head's input), kept
-                                           when L-FT will train the head on them
+                                           when L-FT will train the head on them (same shard names)
     <run>/attribution/val/part-00000.parquet   the same pass over the validation split
     <run>/partition/split/part-NNNNN.parquet   p_noisy, is_clean, suggested label, aligned likewise
     <run>/partition/signals/part-NNNNN.parquet every detection signal per sample, aligned likewise
@@ -24,7 +24,6 @@ its ``_manifest.json``, plus the run's own files::
 
 Every folder of Parquet files holds one data set (one schema, one row per sample): `pandas.read_parquet(folder)`
 and `ray.data.read_parquet(folder)` read it whole; JSON files sit beside those folders, never in them.
-(`attribution/` holds its shards and, in ``features/``, the backbone's features: read the shards by file.)
 
 A sweep directory holds the stages every trial shares once (``base/``), one attribution per rule,
 and a run directory per trial whose upstream stages are those shared folders (see `SweepLayout`).
@@ -58,7 +57,7 @@ def shard_name(index: int) -> str:
 
 
 # Bumped when folders move: a stage finished under another layout is computed again (its fingerprint differs).
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3  # 3: attribution/{samples,features}/
 
 
 def split_dir(data_uri: str, split: str) -> str:
@@ -107,15 +106,21 @@ def ray_train_dir(stage_uri: str) -> str:
     return join(stage_uri, "ray_train")
 
 
+def attribution_dir(attribution_uri: str) -> str:
+    """The attribution stage's per-sample shards (probe activations, attribution, loss, ...), named like the
+    training data shards they were computed from."""
+    return join(attribution_uri, "samples")
+
+
 def features_dir(attribution_uri: str) -> str:
     """The backbone features [N, F] the attribution pass keeps for L-FT, one shard per attribution shard."""
     return join(attribution_uri, "features")
 
 
 def features_shard(attribution_shard_uri: str) -> str:
-    """The features shard beside an attribution shard (same name, in `features_dir`)."""
-    folder, name = attribution_shard_uri.rsplit("/", 1)
-    return join(features_dir(folder), name)
+    """The features shard of an attribution shard: the same name, in the stage's `features_dir`."""
+    samples, name = attribution_shard_uri.rsplit("/", 1)
+    return join(features_dir(samples.rsplit("/", 1)[0]), name)
 
 
 def val_attribution_file(attribution_uri: str) -> str:

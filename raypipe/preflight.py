@@ -25,7 +25,7 @@ from raypipe.config import Config, DataConfig, ModelConfig
 from raypipe.core.mixture import MIN_FIT_ROWS
 from raypipe.core.models import build_model, check_signature, saved_signature
 from raypipe.core.pruning import check_prune_fraction
-from raypipe.data.noise import check_pairs
+from raypipe.data.noise import check_pairs, injected_noise
 from raypipe.data.parquet_source import check_columns
 from raypipe.errors import ConfigError, RaypipeError, StorageError
 
@@ -81,7 +81,7 @@ def check_settings(config: Config, sweep: bool = False) -> None:
             f"config key 'data.download': '{data.source}' cannot be downloaded (only {list(DOWNLOADABLE)}); "
             "unset data.download"
         )
-    check_pairs(config.noise, data.source)
+    check_pairs(injected_noise(config.noise, data.source), data.source)
     key, fractions = (
         ("sweep.prune_fraction", config.sweep.prune_fraction) if sweep else ("prune.fraction", [config.prune.fraction])
     )

@@ -55,3 +55,22 @@ def ray_cluster(faults):
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", runtime_env=runtime_env)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def data_set_folders():
+    """A function: run folder -> {folder relative to it: its expected row count} for EVERY folder under it that
+    holds Parquet files, found by walking the folder (not by asking raypipe), each checked to hold no other
+    data set beneath it: val / test hold their splits' rows, every other one a row per training sample."""
+
+    def found(run: Path) -> dict[str, int]:
+        import json
+
+        rows = json.loads((run / "data" / "_manifest.json").read_text())["summary"]["rows"]
+        folders = sorted({p.parent.relative_to(run).as_posix() for p in run.rglob("*.parquet")})
+        for outer in folders:
+            nested = [inner for inner in folders if inner.startswith(outer + "/")]
+            assert not nested, f"{outer} holds other data sets: {nested}"
+        return {f: rows["val" if f == "data/val" else "test" if f == "data/test" else "train"] for f in folders}
+
+    return found

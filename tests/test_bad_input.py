@@ -339,7 +339,7 @@ def path_for_a_built_in_source(d: Path) -> Case:
 
 def pairs_the_source_does_not_have(d: Path) -> Case:
     path = _parquet(d / "t.parquet", {"image": _image_rows(20), "label": [0, 1] * 10})
-    overrides = ["data.source=parquet", f"data.path={path}", "noise.kind=asymmetric"]
+    overrides = ["data.source=parquet", f"data.path={path}", "noise.kind=asymmetric", "noise.apply_to=any"]
     return Case(overrides, ["'noise.pairs'", "no documented class pairs"], None)
 
 

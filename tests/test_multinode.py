@@ -156,7 +156,10 @@ def test_pipeline_runs_on_the_labelled_worker_nodes(cluster, tmp_path):
         assert storage.read_manifest(storage.join(out, stage)) is not None, stage
     n_train = storage.read_manifest(storage.join(out, "data"))["summary"]["rows"]["train"]
     assert n_train == 400
-    for folder in (storage.join(out, "attribution"), layout.partition_dir(storage.join(out, "partition"))):
+    for folder in (
+        layout.attribution_dir(storage.join(out, "attribution")),
+        layout.partition_dir(storage.join(out, "partition")),
+    ):
         ids = _sample_ids(folder)
         assert len(ids) == len(np.unique(ids)) == n_train, folder
     assert set(report["routes"]) == {"initial"}

@@ -141,7 +141,7 @@ def inputs(slow_model_package, tmp_path_factory):
 def _read(uri: str) -> dict[str, np.ndarray]:
     import pyarrow as pa
 
-    files = storage.list_files(uri, ".parquet")
+    files = attribute.shards(uri)
     return columns_from_table(pa.concat_tables([storage.read_table(u) for u in files]))
 
 
@@ -189,7 +189,7 @@ def test_node_lost_during_attribution(cluster, inputs, tmp_path):
     # ...and the job completed: every sample once, the same values as without the failure.
     assert rows == N_ROWS
     assert attribute.pending_shards(shards, str(ray_out)) == []
-    assert not list(ray_out.glob(".tmp-*"))
+    assert not list((ray_out / "samples").glob(".tmp-*"))
     remote = _read(str(ray_out))
     assert len(remote["sample_id"]) == len(np.unique(remote["sample_id"])) == N_ROWS
 

@@ -42,6 +42,8 @@ def test_the_console_is_short_and_says_what_matters(finished):
     for route in ("initial", "l_ft", "f_ft", "retrain"):
         assert any(line.startswith(f"[{route}] epoch ") for line in lines), route
     assert any(line.startswith("  F-FT     accuracy") for line in lines)
+    assert lines[1] == "  data       digits, symmetric noise 0.4 injected"  # the benchmark keeps its noise
+    assert "symmetric noise 0.4 injected" in (out / "report.md").read_text()
 
 
 def test_config_yaml_is_what_raypipe_config_prints(finished):
@@ -118,20 +120,29 @@ def test_find_issues_cli_with_a_given_model(finished, tmp_path):
     assert "model.checkpoint" in done.stdout.splitlines()[3]  # the summary says the model is given
 
 
-def test_every_folder_reads_whole_with_pandas(finished):
+def test_every_folder_reads_whole_with_pandas(finished, data_set_folders):
+    """Every folder of Parquet files in the run is one data set: pandas reads each whole, one row per sample."""
     import pandas as pd
 
-    from raypipe import layout
-    from raypipe.layout import RunLayout
-
     out, _ = finished
-    run = RunLayout(str(out))
-    data, partition = run.stage("data"), run.stage("partition")
-    rows = {"train": 1258, "val": 180, "test": 359}
-    for split, n in rows.items():
-        frame = pd.read_parquet(layout.split_dir(data, split))
-        assert len(frame) == n and frame["sample_id"].is_unique, split
-        assert np.asarray(frame["x"].iloc[0]).size == 64  # one array per row (the 8x8 image)
-    for folder in (layout.partition_dir(partition), layout.label_issues_dir(partition), layout.signals_dir(partition)):
-        frame = pd.read_parquet(folder)
-        assert len(frame) == rows["train"] and frame["sample_id"].is_unique, folder
+    folders = data_set_folders(out)
+    assert set(folders) == {
+        "data/train",
+        "data/val",
+        "data/test",
+        "initial/trajectory",
+        "attribution/samples",
+        "attribution/features",  # L-FT is among the default routes
+        "partition/split",
+        "partition/signals",
+        "partition/issues",
+    }
+    assert folders["data/test"] == 359 and folders["data/val"] == 180 and folders["partition/issues"] == 1258
+    train_ids = np.sort(pd.read_parquet(out / "data" / "train")["sample_id"].to_numpy())
+    for folder, n_rows in folders.items():
+        frame = pd.read_parquet(out / folder)
+        assert len(frame) == n_rows and frame["sample_id"].is_unique, folder
+        if n_rows == len(train_ids):
+            np.testing.assert_array_equal(np.sort(frame["sample_id"].to_numpy()), train_ids, err_msg=folder)
+    assert np.asarray(pd.read_parquet(out / "data" / "train")["x"].iloc[0]).size == 64  # one array per row
+    assert np.asarray(pd.read_parquet(out / "attribution" / "samples")["probe"].iloc[0]).shape == (256,)

@@ -18,8 +18,16 @@ from raypipe.layout import RunLayout
 
 pytestmark = [pytest.mark.ray]
 
-# Two training shards, so that a folder holds several files; two Ray Train workers a route.
-SMALL = ["data.shard_rows=700", "initial.epochs=3", "f_ft.epochs=2", "run.routes=[f_ft]", "run.device=cpu"]
+# Two training shards, so that a folder holds several files; two Ray Train workers a route; L-FT, so that the
+# attribution keeps the backbone's features.
+SMALL = [
+    "data.shard_rows=700",
+    "initial.epochs=3",
+    "f_ft.epochs=2",
+    "l_ft.epochs=2",
+    "run.routes=[l_ft,f_ft]",
+    "run.device=cpu",
+]
 ON_RAY = ["run.executor=ray", "ray.num_workers=2"]
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,37 +51,33 @@ def finished(console_and_run):
 
 def test_the_ray_console_shows_each_epoch_once_and_no_train_reports(console_and_run):
     console, _ = console_and_run
-    for route, epochs in (("initial", 3), ("f_ft", 2)):
+    for route, epochs in (("initial", 3), ("l_ft", 2), ("f_ft", 2)):
         for epoch in range(1, epochs + 1):
             assert console.count(f"[{route}] epoch {epoch}/{epochs} loss ") == 1, (route, epoch, console)
     assert "Reporting training result" not in console
+    # Ray Train's own INFO lines (ray.train.LoggingConfig at WARNING): its worker groups, devices, process groups.
+    for line in ("training worker group", "Requesting resources", "Moving model to device", "Setting up process group"):
+        assert line not in console, line
 
 
-def _folders(run: RunLayout) -> dict[str, tuple[str, int]]:
-    rows = storage.read_manifest(run.stage("data"))["summary"]["rows"]
-    data, partition = run.stage("data"), run.stage("partition")
-    return {
-        "train": (layout.split_dir(data, "train"), rows["train"]),
-        "val": (layout.split_dir(data, "val"), rows["val"]),
-        "test": (layout.split_dir(data, "test"), rows["test"]),
-        "split": (layout.partition_dir(partition), rows["train"]),
-        "issues": (layout.label_issues_dir(partition), rows["train"]),
-        "signals": (layout.signals_dir(partition), rows["train"]),
-    }
-
-
-def test_every_folder_is_one_data_set_for_ray_data_and_pandas(finished, ray_cluster):
+def test_every_folder_is_one_data_set_for_ray_data_and_pandas(finished, ray_cluster, data_set_folders):
     import ray
 
-    folders = _folders(finished)
-    assert len(storage.list_files(folders["train"][0], ".parquet")) == 2
-    for name, (folder, n_rows) in folders.items():
-        ds = ray.data.read_parquet(folder)
+    root = Path(finished.root)
+    folders = data_set_folders(root)
+    assert {"attribution/samples", "attribution/features", "partition/issues", "data/train"} <= set(folders)
+    assert len(folders) == 9, folders  # data (3), trajectory, attribution (2), partition (3)
+    assert len(storage.list_files(str(root / "data" / "train"), ".parquet")) == 2
+    train_ids = np.sort(pd.read_parquet(root / "data" / "train")["sample_id"].to_numpy())
+    for name, n_rows in folders.items():
+        ds = ray.data.read_parquet(str(root / name))
         assert ds.count() == n_rows, name
-        frame = pd.read_parquet(folder)
+        frame = pd.read_parquet(root / name)
         assert len(frame) == n_rows and frame["sample_id"].is_unique, name
         ray_ids = np.sort(ds.to_pandas()["sample_id"].to_numpy())
         np.testing.assert_array_equal(ray_ids, np.sort(frame["sample_id"].to_numpy()))
+        if n_rows == len(train_ids):
+            np.testing.assert_array_equal(ray_ids, train_ids, err_msg=name)
 
 
 def test_tensor_columns_are_float32_batches_in_ray_data(finished, ray_cluster):
@@ -81,12 +85,12 @@ def test_tensor_columns_are_float32_batches_in_ray_data(finished, ray_cluster):
 
     from raypipe.stages.data import read_split
 
-    train_dir = _folders(finished)["train"][0]
+    train_dir = layout.train_dir(finished.stage("data"))
     batch = ray.data.read_parquet(train_dir).take_batch(16, batch_format="numpy")
     assert batch["x"].shape == (16, 1, 8, 8) and batch["x"].dtype == np.float32
     train = read_split(finished.stage("data"), "train")
     by_id = {int(i): k for k, i in enumerate(train.sample_id)}
     np.testing.assert_array_equal(batch["x"], train.x[[by_id[int(i)] for i in batch["sample_id"]]])
-    shards = storage.list_files(finished.stage("attribution"), ".parquet")
-    probe = ray.data.read_parquet(shards).take_batch(8, batch_format="numpy")["probe"]
+    samples = layout.attribution_dir(finished.stage("attribution"))
+    probe = ray.data.read_parquet(samples).take_batch(8, batch_format="numpy")["probe"]
     assert probe.shape == (8, 256) and probe.dtype == np.float32

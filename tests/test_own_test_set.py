@@ -3,13 +3,16 @@ both checked before any work, and the report saying which labels each accuracy w
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raypipe.config import DataConfig, NoiseConfig, load_config
-from raypipe.data import labels_of_test_split, load_splits
+from raypipe.cli import summary_lines
+from raypipe.config import Config, DataConfig, NoiseConfig, load_config
+from raypipe.data import injected_noise, labels_of_test_split, load_splits
 from raypipe.errors import ConfigError
 from raypipe.stages.data import ground_truth
 
@@ -106,3 +109,55 @@ def test_a_missing_local_test_table_stops_the_cli_before_any_work(tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith("error: config key 'data.test_path': '/no/test' does not exist") and err.count("\n") == 1
     assert not out.exists()
+
+
+SHIPPED_CONFIGS = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config_file", [None, *SHIPPED_CONFIGS])
+def test_own_table_gets_no_noise_from_the_defaults_or_a_shipped_config(config_file):
+    from raypipe.sweep import SweepJobConfig
+
+    schema = SweepJobConfig if config_file and config_file.endswith("_sweep.yaml") else Config
+    cfg = load_config(config_file, ["data.source=parquet", "data.path=/d/t.parquet"], schema=schema)
+    assert injected_noise(cfg.noise, "parquet").kind == "none"
+    assert "no noise injected (your own table, as it is" in summary_lines(cfg, "/out")[1]
+    # ...while the same config on its built-in source keeps its benchmark noise.
+    builtin = load_config(config_file, [], schema=schema)
+    assert injected_noise(builtin.noise, builtin.data.source) == builtin.noise
+
+
+def _stage(tmp_path, overrides):
+    from raypipe.stages import data as data_stage
+
+    cfg = load_config(None, overrides)
+    out = str(tmp_path / "data")
+    summary = data_stage.run(cfg.data, cfg.noise, out, log=lambda *_: None)
+    return summary, data_stage.read_split(out, "train")
+
+
+def test_a_parquet_run_injects_nothing_unless_asked(tmp_path):
+    path, label = _table(tmp_path / "own.parquet", 200, 0)
+    own = ["data.source=parquet", f"data.path={path}"]
+    summary, train = _stage(tmp_path / "default", own)
+    assert summary["n_corrupted"] == 0 and summary["noise_injected"] == "no noise injected"
+    np.testing.assert_array_equal(train.label, label[train.sample_id])  # the table's labels, as given
+    assert summary["ground_truth"] is None
+
+    summary, train = _stage(tmp_path / "asked", [*own, "noise.apply_to=any", "noise.rate=0.2"])
+    assert summary["n_corrupted"] == round(0.2 * len(train)) > 0
+    assert summary["noise_injected"] == "symmetric noise 0.2 injected"
+    np.testing.assert_array_equal(train.label != label[train.sample_id], train.is_corrupted)
+
+
+def test_digits_with_the_defaults_keeps_its_forty_percent(tmp_path):
+    summary, train = _stage(tmp_path, [])
+    assert summary["n_corrupted"] == round(0.4 * len(train)) and train.is_corrupted.mean() == pytest.approx(0.4, 1e-3)
+    assert summary["noise_injected"] == "symmetric noise 0.4 injected"
+    assert "digits, symmetric noise 0.4 injected" in summary_lines(load_config(None, []), "/out")[1]
+
+
+def test_apply_to_takes_builtin_or_any_only():
+    with pytest.raises(ConfigError, match="noise.apply_to") as refused:
+        load_config(None, ["noise.apply_to=parquet"])
+    assert "\n" not in str(refused.value)

@@ -36,10 +36,11 @@ def ray_executor(ray_cluster):
     return RayExecutor(load_config(None, ["run.executor=ray"]), log=lambda *_: None)
 
 
-def _read_attribution(uri: str) -> dict[str, np.ndarray]:
+def _read_attribution(uri: str, folder=layout.attribution_dir) -> dict[str, np.ndarray]:
+    """Every shard of one folder of an attribution stage (its per-sample shards, or its kept features)."""
     import pyarrow as pa
 
-    tables = [storage.read_table(u) for u in storage.list_files(uri, ".parquet")]
+    tables = [storage.read_table(u) for u in storage.list_files(folder(uri), ".parquet")]
     return columns_from_table(pa.concat_tables(tables))
 
 
@@ -99,8 +100,8 @@ def test_attribution_on_an_actor_pool_equals_in_process(base_run, ray_cluster, t
     for key in ("attribution", "probe", "loss"):
         np.testing.assert_allclose(remote[key], local[key], rtol=1e-5, atol=1e-6)
     kept_local, kept_ray = (
-        _read_attribution(layout.features_dir(local_out)),
-        _read_attribution(layout.features_dir(ray_out)),
+        _read_attribution(local_out, layout.features_dir),
+        _read_attribution(ray_out, layout.features_dir),
     )
     np.testing.assert_allclose(kept_ray["features"], kept_local["features"], rtol=1e-5, atol=1e-6)
 
@@ -117,12 +118,12 @@ def test_ray_block_sums_equal_single_block(base_run, ray_executor, tmp_path):
     rng = np.random.default_rng(0)
     from raypipe.tables import table_from_columns
 
-    for uri in storage.list_files(attr_out, ".parquet"):
+    for uri in attribute.shards(attr_out):
         ids = columns_from_table(storage.read_table(uri, ["sample_id"]))["sample_id"]
         p_noisy = rng.random(len(ids)).astype(np.float32)
         cols = {"sample_id": ids, "p_noisy": p_noisy, "is_clean": p_noisy < 0.5}
         storage.write_table(storage.join(part_dir, uri.rsplit("/", 1)[-1]), table_from_columns(cols))
-    jobs = [(u, storage.join(part_dir, u.rsplit("/", 1)[-1])) for u in storage.list_files(attr_out, ".parquet")]
+    jobs = [(u, storage.join(part_dir, u.rsplit("/", 1)[-1])) for u in attribute.shards(attr_out)]
     parts = ray_executor.map(lambda job: prune.shard_stats(job[0], job[1], "p_noisy"), jobs, "stats")
     assert len(parts) == len(jobs) >= 3
     merged = SufficientStats(256)

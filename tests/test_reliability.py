@@ -255,7 +255,7 @@ def reference_run(tmp_path_factory):
             report = raypipe.run(load_config(None, RUN), str(out), **QUIET)
     finally:
         torch.set_num_threads(threads)
-    assert len(list((out / "attribution").glob("part-*.parquet"))) == N_SHARDS
+    assert len(list((out / "attribution" / "samples").glob("part-*.parquet"))) == N_SHARDS
     return out, report
 
 
@@ -310,8 +310,8 @@ def test_driver_killed_inside_attribution_resumes_its_shards(reference_run, tmp_
         assert storage.read_manifest(str(out / stage)) is not None, stage
     assert storage.read_manifest(str(out / "attribution")) is None
     assert (out / "attribution" / PENDING).exists()
-    shards = sorted((out / "attribution").glob("part-*.parquet"))
-    assert len(shards) == 2 and not list((out / "attribution").glob(".tmp-*"))
+    shards = sorted((out / "attribution" / "samples").glob("part-*.parquet"))
+    assert len(shards) == 2 and not list((out / "attribution" / "samples").glob(".tmp-*"))
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards}
     assert not (out / "partition").exists() and not (out / "report.json").exists()
 
@@ -319,7 +319,10 @@ def test_driver_killed_inside_attribution_resumes_its_shards(reference_run, tmp_
     assert _stages_in_logs(logs, "up to date, skipped") == ["data", "initial"]
     assert _stages_in_logs(logs, "] done in") == ["attribution", "partition", "prune", "f_ft"]
     assert any(f"{N_SHARDS - 2} of {N_SHARDS} shards to compute" in line for line in logs), logs
-    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "attribution").glob("part-*.parquet")}
+    after = {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in (out / "attribution" / "samples").glob("part-*.parquet")
+    }
     assert len(after) == N_SHARDS
     assert {name: after[name] for name in before} == before  # the finished shards were not recomputed
     assert storage.read_manifest(str(out / "attribution"))["summary"]["rows_computed"] == 400 - 2 * 100

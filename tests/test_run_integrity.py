@@ -267,14 +267,14 @@ def test_shared_stage_that_is_damaged_is_not_recomputed_by_a_reader(run_copy):
     from raypipe.pipeline import STAGES as TABLE
     from raypipe.pipeline import Run
 
-    (run_copy / "attribution" / "part-00000.parquet").unlink()
+    (run_copy / "attribution" / "samples" / "part-00000.parquet").unlink()
     trial = RunLayout(
         str(run_copy.parent / "trial"), {s: str(run_copy / s) for s in ("data", "initial", "attribution")}
     )
     run = Run(load_config(None, RUN), trial, LocalExecutor(lambda *_: None), lambda *_: None)
     run.run_stage(TABLE[0])
     run.run_stage(TABLE[1])
-    with pytest.raises(RaypipeError, match="shared folder .* is damaged .'part-00000.parquet' is missing"):
+    with pytest.raises(RaypipeError, match="shared folder .* is damaged .'samples/part-00000.parquet' is missing"):
         run.run_stage(TABLE[2])
     assert storage.read_manifest(str(run_copy / "attribution")) is not None  # the owner's record is kept
 

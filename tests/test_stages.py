@@ -18,6 +18,7 @@ from raypipe.executors import LocalExecutor
 from raypipe.layout import RunLayout
 from raypipe.pipeline import Run, train_request
 from raypipe.stages import data as prepare
+from raypipe.stages.attribution import shards as attribution_shards
 from raypipe.stages.train import TrainRequest, route_data, train_local
 from raypipe.tables import columns_from_table
 from raypipe.training.checkpoint import load_model
@@ -91,7 +92,7 @@ def test_l_ft_trains_on_the_features_the_attribution_kept(tmp_path):
     lay = RunLayout(str(tmp_path / "run"))
     raypipe.run(config, lay.root, **QUIET)
     initial = load_model(lay.model("initial"))[0].eval()
-    shards = storage.list_files(lay.stage("attribution"), ".parquet")
+    shards = attribution_shards(lay.stage("attribution"))
     kept = [columns_from_table(storage.read_table(layout.features_shard(uri))) for uri in shards]
     assert len(kept) == len(shards) >= 1
     train = prepare.read_split(lay.stage("data"), "train")

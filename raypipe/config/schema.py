@@ -135,6 +135,10 @@ class NoiseConfig:
     # asymmetric only: `dataset` = the documented pairs of the source, `cyclic` = c -> c+1 mod C.
     pairs: Literal["dataset", "cyclic"] = "dataset"
     seed: int = 0
+    # Which sources get this noise: `builtin` = the built-in data sets only (digits, fashion-mnist, mnist, cifar10:
+    # benchmarks whose labels are taken as clean); a user's own table (data.source=parquet) is used as it is.
+    # `any` = every source, a user's own table too (e.g. to benchmark raypipe on a table known to be clean).
+    apply_to: Literal["builtin", "any"] = "builtin"
 
     def validate(self) -> None:
         check_setting(0.0 <= self.rate < 1.0, "noise.rate", f"{self.rate} is outside [0, 1); use e.g. noise.rate=0.4")

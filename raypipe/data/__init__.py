@@ -5,7 +5,7 @@ both call.
 """
 
 from raypipe.data.handover import batch_from_table, sample_format, samples_from_table, table_from_samples
-from raypipe.data.noise import ASYMMETRIC_PAIRS, apply_noise
+from raypipe.data.noise import ASYMMETRIC_PAIRS, apply_noise, describe_noise, injected_noise
 from raypipe.data.samples import SampleSet
 from raypipe.data.sources import input_files, labels_of_test_split, load_splits
 
@@ -14,6 +14,8 @@ __all__ = [
     "SampleSet",
     "apply_noise",
     "batch_from_table",
+    "describe_noise",
+    "injected_noise",
     "input_files",
     "load_splits",
     "labels_of_test_split",

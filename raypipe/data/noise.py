@@ -31,6 +31,21 @@ ASYMMETRIC_PAIRS: dict[str, dict[int, int]] = {
 GAUSSIAN_CHUNK_ROWS = 4096  # noise is drawn per chunk of rows to bound the temporary memory
 
 
+def injected_noise(cfg: NoiseConfig, source: str) -> NoiseConfig:
+    """The noise the data stage injects into `source`: `cfg` on a built-in data set, none into a user's own table
+    (data.source=parquet) unless noise.apply_to=any asks for it."""
+    if source == "parquet" and cfg.apply_to != "any":
+        return dataclasses.replace(cfg, kind="none", rate=0.0)
+    return cfg
+
+
+def describe_noise(cfg: NoiseConfig) -> str:
+    """One phrase for the console and the report: what was injected."""
+    if cfg.kind == "none" or cfg.rate == 0:
+        return "no noise injected"
+    return f"{cfg.kind} noise {cfg.rate:g} injected" + (f" (sigma {cfg.sigma:g})" if cfg.kind == "gaussian" else "")
+
+
 def check_pairs(cfg: NoiseConfig, source: str) -> None:
     """Asymmetric noise with the source's documented class pairs needs a source that has them."""
     if cfg.kind == "asymmetric" and cfg.pairs == "dataset" and source not in ASYMMETRIC_PAIRS:

@@ -29,6 +29,7 @@ import numpy as np
 from raypipe import layout, storage
 from raypipe.config import ROUTE_TITLES, ROUTES
 from raypipe.layout import RunLayout
+from raypipe.stages.attribution import shards as attribution_shards
 from raypipe.stages.partition import read_partition
 from raypipe.tables import column_from_arrow
 
@@ -148,9 +149,9 @@ def _p_noisy_figure(run: RunLayout, report: dict[str, Any]):
 
 def _read_attribution_sample(run: RunLayout, n_rows_hint: int | None, seed: int = 0):
     """A uniform sample of at most MAX_MIXTURE_ROWS (attribution value, is_corrupted or None) rows."""
-    shards = storage.list_files(run.stage("attribution"), ".parquet")
+    shards = attribution_shards(run.stage("attribution"))
     if not shards:
-        raise FileNotFoundError(f"no attribution shards under {run.stage('attribution')}")
+        raise FileNotFoundError(f"no attribution shards under {layout.attribution_dir(run.stage('attribution'))}")
     keep = 1.0 if not n_rows_hint else min(1.0, 1.2 * MAX_MIXTURE_ROWS / n_rows_hint)
     rng = np.random.default_rng(seed)
     values, truth = [], []

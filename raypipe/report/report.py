@@ -117,7 +117,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     corrupted = f"{data['n_corrupted']} known corrupted, from {truth}" if truth else "ground truth unknown"
     lines += [
         f"Data: `{cfg['data']['source']}`, train {data['rows']['train']} ({corrupted}; "
-        f"{cfg['noise']['kind']} noise injected at rate {cfg['noise']['rate']}), test {data['rows']['test']}. "
+        f"{data.get('noise_injected', cfg['noise']['kind'] + ' noise')}), test {data['rows']['test']}. "
         f"Model `{cfg['model']['name']}`, probe width {report['pruning']['probe_width']}. "
         f"Attribution rule `{report['attribution']['rule']}`.",
         "",

@@ -1,6 +1,7 @@
 """Stage `attribution`: per-sample probe activations and attribution vectors, shard by shard.
 
-Each output shard has the name of its data shard and one row per sample of it: sample_id, label,
+Each output shard (in ``samples/``, `raypipe.layout.attribution_dir`) has the name of its data shard and one
+row per sample of it: sample_id, label,
 pred_label, pred_prob, given_prob, best_other_label (the likeliest class besides the given one), loss,
 probe [d], attribution [m], ``probe_<name>`` [d] for every
 further model the pass reads (the initial model at an early epoch: ``probe_early``), and the ground
@@ -106,11 +107,16 @@ def probe_activations(model: ProbedModel, x: np.ndarray, device) -> np.ndarray:
     return h.cpu().numpy().astype(np.float32)
 
 
-def pending_shards(data_shards: list[str], out_uri: str) -> list[tuple[str, str]]:
+def shards(attribution_uri: str) -> list[str]:
+    """The attribution stage's per-sample shards, in shard order."""
+    return storage.list_files(layout.attribution_dir(attribution_uri), ".parquet")
+
+
+def pending_shards(data_shards: list[str], attribution_uri: str) -> list[tuple[str, str]]:
     """(input shard, output shard) pairs whose output does not exist yet."""
     jobs = []
     for in_uri in data_shards:
-        target = storage.join(out_uri, in_uri.rsplit("/", 1)[-1])  # the data shard's own name
+        target = storage.join(layout.attribution_dir(attribution_uri), in_uri.rsplit("/", 1)[-1])  # its own name
         if not storage.exists(target):
             jobs.append((in_uri, target))
     return jobs
@@ -131,9 +137,9 @@ def read_features(attribution_uri: str, ids: np.ndarray, max_bytes: int) -> dict
     """The kept features of the samples in `ids` (sorted), in shard order -> {sample_id, label, features
     [n, F] float32}; None when a shard has none (the attribution ran without `keep_features`) or they
     would take more than `max_bytes`."""
-    shards = storage.list_files(attribution_uri, ".parquet")
-    kept = [layout.features_shard(uri) for uri in shards]
-    if not shards or not all(storage.exists(uri) for uri in kept):
+    samples = shards(attribution_uri)
+    kept = [layout.features_shard(uri) for uri in samples]
+    if not samples or not all(storage.exists(uri) for uri in kept):
         return None
     fs, path = storage.resolve(kept[0])
     width = row_width(pq.read_schema(path, filesystem=fs).field("features").type)

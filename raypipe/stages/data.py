@@ -1,5 +1,8 @@
 """Stage `data`: load the source, split, inject the experiment's noise, write Parquet.
 
+The noise goes into the built-in data sets only, unless noise.apply_to=any (`raypipe.data.injected_noise`): a
+user's own table is used as it is.
+
 Output (`raypipe.layout`): ``train/part-NNNNN.parquet`` (shards of data.shard_rows rows, the unit of
 parallel and resumable work downstream), ``val/part-00000.parquet``, ``test/part-00000.parquet``: one folder
 a split, so each reads back whole with pandas or Ray Data. The test split is never
@@ -21,6 +24,8 @@ from raypipe.config import DataConfig, NoiseConfig
 from raypipe.data import (
     SampleSet,
     apply_noise,
+    describe_noise,
+    injected_noise,
     labels_of_test_split,
     load_splits,
     sample_format,
@@ -30,6 +35,7 @@ from raypipe.data import (
 
 
 def run(data_cfg: DataConfig, noise_cfg: NoiseConfig, out_uri: str, log=print) -> dict[str, Any]:
+    noise_cfg = injected_noise(noise_cfg, data_cfg.source)
     splits = load_splits(data_cfg)
     train = apply_noise(splits["train"], noise_cfg, data_cfg.source)
     val_noise = dataclasses.replace(noise_cfg, seed=noise_cfg.seed + 1)
@@ -43,12 +49,13 @@ def run(data_cfg: DataConfig, noise_cfg: NoiseConfig, out_uri: str, log=print) -
     storage.write_table(layout.split_file(out_uri, "val"), table_from_samples(val))
     storage.write_table(layout.split_file(out_uri, "test"), table_from_samples(test))
     log(
-        f"[data] {data_cfg.source}: train {len(train)} ({int(train.is_corrupted.sum())} corrupted, "
-        f"{noise_cfg.kind} {noise_cfg.rate}), val {len(val)}, test {len(test)}, {n_shards} shards"
+        f"[data] {data_cfg.source}: train {len(train)} ({describe_noise(noise_cfg)}, {int(train.is_corrupted.sum())} "
+        f"known corrupted), val {len(val)}, test {len(test)}, {n_shards} shards"
     )
     return {
         "rows": {"train": len(train), "val": len(val), "test": len(test)},
         "n_corrupted": int(train.is_corrupted.sum()),
+        "noise_injected": describe_noise(noise_cfg),
         "sample_shape": list(train.sample_shape),
         "num_classes": int(train.num_classes),
         "n_shards": n_shards,
@@ -61,7 +68,8 @@ def run(data_cfg: DataConfig, noise_cfg: NoiseConfig, out_uri: str, log=print) -
 
 def ground_truth(data_cfg: DataConfig, noise_cfg: NoiseConfig) -> str | None:
     """Where the training samples' ground truth (true_label, is_corrupted) comes from; None: it is unknown (a
-    user's own data with no noise injected and no true labels), so the detection cannot be scored."""
+    user's own data with no noise injected and no true labels), so the detection cannot be scored. `noise_cfg`:
+    the noise injected (`injected_noise`)."""
     known = []
     if noise_cfg.kind != "none" and noise_cfg.rate > 0:
         known.append(f"the {noise_cfg.kind} noise raypipe injected")

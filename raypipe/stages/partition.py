@@ -33,6 +33,7 @@ from raypipe.core.detection.transition import (
 from raypipe.core.metrics import detection_metrics
 from raypipe.core.mixture import MixtureFit, check_clean_side, fit_mixture, split
 from raypipe.errors import RaypipeError
+from raypipe.stages.attribution import shards as attribution_shards
 from raypipe.stages.signals import ProbeSpaces, gather_signals, sample_shard, signal_shard
 from raypipe.stages.validation import detect_validation, relabel_summary, relabels
 from raypipe.tables import columns_from_table, table_from_columns
@@ -101,9 +102,9 @@ def choose_decision(det: DetectionConfig, transition: dict | None) -> tuple[str,
     )
 
 
-def fit(attribution_shards: list[str], n_rows: int, cfg: PartitionConfig, seed: int, executor) -> MixtureFit:
+def fit(shards: list[str], n_rows: int, cfg: PartitionConfig, seed: int, executor) -> MixtureFit:
     keep_probability = min(1.0, cfg.max_fit_rows / max(n_rows, 1))
-    parts = executor.map(lambda uri: sample_shard(uri, keep_probability, seed), attribution_shards, "fit sample")
+    parts = executor.map(lambda uri: sample_shard(uri, keep_probability, seed), shards, "fit sample")
     attribution = np.concatenate([p["attribution"] for p in parts])
     loss = np.concatenate([p["loss"] for p in parts])
     return fit_mixture(attribution, loss, cfg, seed)
@@ -198,7 +199,7 @@ def run(
     """`probe_columns`: the probe spaces the attribution shards hold; `missing`: signals that cannot exist for this
     run, and why (e.g. no trajectory for a given model), for the report; `truth_known`: whether the data's ground
     truth columns mean anything (else the detection is not scored)."""
-    shards = storage.list_files(attribution_uri, ".parquet")
+    shards = attribution_shards(attribution_uri)
     # 1. Per-shard signals, in parallel: the attribution mixture (fitted on a uniform sample), kNN votes, FINE.
     mixture = fit(shards, n_rows, cfg, seed, executor)
     spaces = ProbeSpaces.build(shards, list(probe_columns), n_rows, det, num_classes, seed, executor)

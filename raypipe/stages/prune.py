@@ -16,6 +16,7 @@ from raypipe import layout, storage
 from raypipe.config import PruneConfig
 from raypipe.core.pruning import check_prune_fraction, prune_count, prune_neurons, pruned_mask
 from raypipe.core.sensitivity import SufficientStats, rank_neurons
+from raypipe.stages.attribution import shards as attribution_shards
 from raypipe.tables import columns_from_table
 from raypipe.training.checkpoint import load_model, save_model
 
@@ -33,7 +34,7 @@ def run(
     model_uri: str, attribution_uri: str, partition_uri: str, out_uri: str, cfg: PruneConfig, executor, log=print
 ) -> dict[str, Any]:
     model, signature, _ = load_model(model_uri)
-    shards = storage.list_files(attribution_uri, ".parquet")
+    shards = attribution_shards(attribution_uri)
     jobs = [(uri, storage.join(layout.partition_dir(partition_uri), uri.rsplit("/", 1)[-1])) for uri in shards]
     parts = executor.map(lambda job: shard_stats(job[0], job[1], cfg.target), jobs, "sensitivity")
     stats = SufficientStats(model.probe_width)
