@@ -61,7 +61,8 @@ def ray_cluster(faults):
 def data_set_folders():
     """A function: run folder -> {folder relative to it: its expected row count} for EVERY folder under it that
     holds Parquet files, found by walking the folder (not by asking raypipe), each checked to hold no other
-    data set beneath it: val / test hold their splits' rows, every other one a row per training sample."""
+    data set beneath it: val / test hold their splits' rows (as do the attribution's and the partition's val/,
+    val_cleaned/ the validation samples detected as clean), every other one a row per training sample."""
 
     def found(run: Path) -> dict[str, int]:
         import json
@@ -71,6 +72,14 @@ def data_set_folders():
         for outer in folders:
             nested = [inner for inner in folders if inner.startswith(outer + "/")]
             assert not nested, f"{outer} holds other data sets: {nested}"
-        return {f: rows["val" if f == "data/val" else "test" if f == "data/test" else "train"] for f in folders}
+
+        def expected(f: str) -> int:
+            if f == "partition/val_cleaned":  # the validation samples the partition judged clean
+                import pandas as pd
+
+                return int(pd.read_parquet(run / "partition" / "val")["is_clean"].sum())
+            return rows["val" if f.endswith("/val") else "test" if f == "data/test" else "train"]
+
+        return {f: expected(f) for f in folders}
 
     return found

@@ -136,8 +136,12 @@ def test_every_folder_reads_whole_with_pandas(finished, data_set_folders):
         "partition/split",
         "partition/signals",
         "partition/issues",
+        "attribution/val",  # the validation split's own detection, to recommend a route without the test split
+        "partition/val",
+        "partition/val_cleaned",
     }
     assert folders["data/test"] == 359 and folders["data/val"] == 180 and folders["partition/issues"] == 1258
+    assert folders["attribution/val"] == folders["partition/val"] == 180 and 0 < folders["partition/val_cleaned"] < 180
     train_ids = np.sort(pd.read_parquet(out / "data" / "train")["sample_id"].to_numpy())
     for folder, n_rows in folders.items():
         frame = pd.read_parquet(out / folder)

@@ -66,7 +66,8 @@ def test_every_folder_is_one_data_set_for_ray_data_and_pandas(finished, ray_clus
     root = Path(finished.root)
     folders = data_set_folders(root)
     assert {"attribution/samples", "attribution/features", "partition/issues", "data/train"} <= set(folders)
-    assert len(folders) == 9, folders  # data (3), trajectory, attribution (2), partition (3)
+    # data (3), trajectory, attribution (samples, features, val), partition (split, signals, issues, val, val_cleaned)
+    assert len(folders) == 12, folders
     assert len(storage.list_files(str(root / "data" / "train"), ".parquet")) == 2
     train_ids = np.sort(pd.read_parquet(root / "data" / "train")["sample_id"].to_numpy())
     for name, n_rows in folders.items():
