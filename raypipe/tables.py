@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 
 def tensor_column(values: np.ndarray) -> pa.Array:
@@ -52,3 +53,8 @@ def table_from_columns(columns: dict[str, np.ndarray]) -> pa.Table:
 
 def columns_from_table(table: pa.Table, names: list[str] | None = None) -> dict[str, np.ndarray]:
     return {name: column_from_arrow(table.column(name)) for name in (names or table.column_names)}
+
+
+def keep_ids(table: pa.Table, ids: np.ndarray) -> pa.Table:
+    """The rows of `table` whose sample_id is in `ids`."""
+    return table.filter(pc.is_in(table["sample_id"], value_set=pa.array(ids)))

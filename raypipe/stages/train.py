@@ -18,8 +18,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from raypipe import layout, storage
@@ -28,6 +26,7 @@ from raypipe.core.models import build_model, model_signature
 from raypipe.data import SampleSet, samples_from_table
 from raypipe.stages.attribution import read_features
 from raypipe.stages.data import read_split, train_format, train_sample_ids
+from raypipe.stages.partition import read_partition
 from raypipe.tables import columns_from_table, table_from_columns
 from raypipe.training.callbacks import Gather, Log, RecordTrajectory, Report, StopOnNonFinite, TimeBudget, Validate
 from raypipe.training.checkpoint import SaveCheckpoint, SaveModelAt, load_model, restore, save_model
@@ -83,26 +82,17 @@ class TrainRequest:
 
 def clean_ids(partition_uri: str) -> np.ndarray:
     """Sorted sample ids of the clean part."""
-    from raypipe.stages.partition import read_partition
-
     cols = columns_from_table(read_partition(partition_uri, ["sample_id", "is_clean"]))
     return np.sort(cols["sample_id"][cols["is_clean"].astype(bool)])
 
 
 def relabelled_rows(partition_uri: str) -> tuple[np.ndarray, np.ndarray]:
     """(sample ids, new labels) of the flagged samples the partition relabelled (the relabel route's extra rows)."""
-    from raypipe.stages.partition import read_partition
-
     cols = columns_from_table(read_partition(partition_uri, ["sample_id", "relabelled_to"]))
     if "relabelled_to" not in cols:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     take = cols["relabelled_to"] >= 0
     return cols["sample_id"][take], cols["relabelled_to"][take]
-
-
-def keep_ids(table: pa.Table, ids: np.ndarray) -> pa.Table:
-    """The rows of `table` whose sample_id is in `ids`."""
-    return table.filter(pc.is_in(table["sample_id"], value_set=pa.array(ids)))
 
 
 def training_samples(request: TrainRequest) -> SampleSet:

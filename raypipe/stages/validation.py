@@ -22,8 +22,7 @@ from raypipe.core.detection.transfer import fit_transfer
 from raypipe.core.metrics import detection_metrics
 from raypipe.core.mixture import split
 from raypipe.stages.signals import ProbeSpaces, gather_signals, signal_shard
-from raypipe.stages.train import keep_ids
-from raypipe.tables import columns_from_table, table_from_columns
+from raypipe.tables import columns_from_table, keep_ids, table_from_columns
 
 # Signals carried over to the validation split: each compares a sample's probe activations with the training
 # split's references (neighbours' labels, class directions), for a training and a validation sample alike. The
