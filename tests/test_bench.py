@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from raypipe.config import REPAIR_ROUTES
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 pytestmark = pytest.mark.slow
@@ -177,7 +179,7 @@ def test_ray_vs_local_quick(tmp_path):
     assert [r["executor"] for r in size["runs"]] == ["local", "ray"]
     for run in size["runs"]:  # the whole pipeline, every route, both ways (on Ray the routes end in any order)
         assert run["stages_ran"][:5] == ["data", "initial", "attribution", "partition", "prune"]
-        assert sorted(run["stages_ran"][5:]) == ["f_ft", "l_ft", "retrain"]
+        assert sorted(run["stages_ran"][5:]) == sorted(REPAIR_ROUTES)
         assert all(accuracy(a) for a in run["accuracy"].values()) and finite(run["total_seconds"], 0)
         assert all(finite(s, 0) for s in run["route_seconds"].values()) and finite(run["driver_peak_rss_mib"], 100)
     local, ray = size["runs"]
@@ -197,7 +199,7 @@ def test_gpu_quick(tmp_path):
     """The GPU script's whole run on CPUs (cnn_small, a few hundred synthetic images)."""
     data, md = run_quick("gpu", tmp_path)
     assert set(data) == {"meta", "gpus", "gpu_names", "throughput", "wall_seconds", "report"}
-    assert set(data["throughput"]) == {"attribution", "initial", "l_ft", "f_ft", "retrain"}
+    assert set(data["throughput"]) == {"attribution", "initial", *REPAIR_ROUTES}
     assert all(finite(r["samples_per_s_per_gpu"], 0) for r in data["throughput"].values())
     assert data["throughput"]["attribution"]["samples"] == data["report"]["data"]["rows"]["train"]
     assert finite(data["wall_seconds"], 0, 600) and "samples / s per GPU" in md

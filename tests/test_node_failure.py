@@ -160,7 +160,7 @@ def test_node_lost_during_attribution(cluster, inputs, tmp_path):
         """Once 4 shards are out, kill (no graceful shutdown) a worker node where the model was loaded."""
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            done = len(list(ray_out.glob("part-*.parquet"))) if ray_out.exists() else 0
+            done = len(attribute.shards(str(ray_out))) if (ray_out / "samples").exists() else 0
             hosts = {p.read_text() for p in node_dir.glob("process-*")}
             victims = [n for n in c.worker_nodes if n.node_id in hosts]
             if done >= 4 and victims:
