@@ -247,8 +247,10 @@ def test_matched_budget_quick(tmp_path):
     choice = seed["choice"]
     assert choice["route"] in choice["test"] and choice["test_best"] in choice["test"]
     assert finite(choice["loss"], 0.0, 1.0)  # test accuracy given up by choosing without the test split
-    # every candidate was scored on the validation samples detected as clean, none on the test split
+    # every candidate was scored on the validation split and on its samples detected as clean, none on the test split
     assert set(choice["evidence"]) == set(choice["test"])
+    assert all(0 < e["n_cleaned"] <= e["n"] for e in choice["evidence"].values())
+    assert choice["route_by_cleaned"] in choice["test"] and finite(choice["loss_by_cleaned"], 0.0, 1.0)
     summary = data["summary"]["sym40"]
     assert summary["best_route"] in rows and all(finite(v) for v in summary["rows"]["f_ft/pruned"]["gap"])
     assert "## sym40" in md and "Retrain same wall" in md and "Pruning on - off" in md
