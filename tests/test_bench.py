@@ -159,6 +159,21 @@ def test_lft_cost_quick(tmp_path):
     assert "FLOPs floor" in md
 
 
+def test_detection_ceiling_quick(tmp_path):
+    data, md = run_quick("detection_ceiling", tmp_path)
+    assert list(data["results"]) == ["sym40", "pairs40"]
+    for noise, per_seed in data["results"].items():
+        run = per_seed["0"]
+        assert accuracy(run["clean_oof_accuracy"]) and finite(run["seconds_cross_fit"], 0)
+        # 40% of the flipped classes' samples: every class under sym40, 5 of 10 under pairs40.
+        assert abs(run["noise_rate"] - {"sym40": 0.4, "pairs40": 0.2}[noise]) < 0.03, noise
+        for row in ("bayes_0.5", "bayes_quota", "doubt_quota"):
+            assert accuracy(run[row]["f1"]) and accuracy(run[row]["auroc"]), (noise, row)
+        # Quotas flag each class's true share of wrong labels: as many flags as wrong labels, up to rounding.
+        assert abs(run["bayes_quota"]["n_flagged"] - round(run["noise_rate"] * 600)) <= 10
+    assert "Against the goals: within reach?" in md and "| sym40 | 1 |" in md
+
+
 def test_scale_quick(tmp_path):
     data, md = run_quick("scale", tmp_path)
     assert set(data) == {"meta", "results", "source"}
@@ -232,8 +247,10 @@ def test_matched_budget_quick(tmp_path):
     choice = seed["choice"]
     assert choice["route"] in choice["test"] and choice["test_best"] in choice["test"]
     assert finite(choice["loss"], 0.0, 1.0)  # test accuracy given up by choosing without the test split
-    # every candidate was scored on the validation samples detected as clean, none on the test split
+    # every candidate was scored on the validation split and on its samples detected as clean, none on the test split
     assert set(choice["evidence"]) == set(choice["test"])
+    assert all(0 < e["n_cleaned"] <= e["n"] for e in choice["evidence"].values())
+    assert choice["route_by_cleaned"] in choice["test"] and finite(choice["loss_by_cleaned"], 0.0, 1.0)
     summary = data["summary"]["sym40"]
     assert summary["best_route"] in rows and all(finite(v) for v in summary["rows"]["f_ft/pruned"]["gap"])
     assert "## sym40" in md and "Retrain same wall" in md and "Pruning on - off" in md

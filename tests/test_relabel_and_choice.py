@@ -173,7 +173,10 @@ def test_recommended_route_is_the_test_best_and_never_reads_the_test_split(plant
     choice = report["recommended_route"]
     assert choice["route"] == "f_ft"
     assert set(choice["evidence"]) == set(test_acc) and all(s["n"] > 0 for s in choice["evidence"].values())
-    assert report["validation_detection"]["n_clean"] == choice["evidence"]["f_ft"]["n"]
+    # chosen on the whole validation split (given labels); the samples detected as clean are kept as evidence
+    assert all(s["n"] == report["data"]["rows"]["val"] for s in choice["evidence"].values())
+    assert report["validation_detection"]["n_clean"] == choice["evidence"]["f_ft"]["n_cleaned"]
+    assert "validation samples (their given labels)" in choice["why"]
     # without the test split the choice and its evidence are the same: it was never read (on a copy of the run)
     shutil.copytree(out, tmp_path / "run")
     lay = RunLayout(str(tmp_path / "run"))

@@ -8,6 +8,7 @@ import pytest
 
 from raypipe.core.detection.fine import ClassGram, alignment
 from raypipe.core.detection.transition import (
+    corruption_posterior,
     empirical_transition,
     estimate_from_neighbours,
     estimate_transition,
@@ -162,3 +163,25 @@ def test_quotas_are_capped_where_a_class_would_not_be_mostly_its_own():
     assert est["structure"]["class_dependent"] and 0.5 <= cap < est["noisy_share"][0]
     assert est["quota"][0] == pytest.approx(cap)
     np.testing.assert_allclose(est["quota"][1:], np.minimum(est["noisy_share"][1:], cap))
+
+
+def test_corruption_posterior_is_bayes_on_known_answers():
+    # Pairs 0 <-> 1 at 40%: a sure class-0 image labelled 1 is wrong for sure; labelled 0, right for sure. An image
+    # that is 0 or 1 with equal odds and labelled 1: P(wrong) = 0.5 * 0.4 / (0.5 * 0.4 + 0.5 * 0.6) = 0.4.
+    t = pairs(0.4, {0: 1, 1: 0})
+    probs = np.zeros((4, C))
+    probs[0, 0] = probs[1, 0] = 1.0
+    probs[2, :2] = probs[3, :2] = 0.5
+    posterior = corruption_posterior(probs, t, np.array([1, 0, 1, 2]))
+    np.testing.assert_allclose(posterior[:3], [1.0, 0.0, 0.4])
+    # A label nothing could have produced (T[i, 2] = 0 for i in {0, 1}): no evidence either way, called right.
+    assert posterior[3] == 0.0
+    # Symmetric noise at rate r: P(wrong) = 1 - p_g (1 - r) / (p_g (1 - r) + (1 - p_g) r / (C - 1)); without
+    # noise (T = I) no label is wrong, whatever the model believes.
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(C), size=50)
+    given = rng.integers(0, C, size=50)
+    p_given = p[np.arange(50), given]
+    expected = 1 - p_given * 0.6 / (p_given * 0.6 + (1 - p_given) * 0.4 / (C - 1))
+    np.testing.assert_allclose(corruption_posterior(p, symmetric(0.4), given), expected)
+    assert not corruption_posterior(p, np.eye(C), given).any()

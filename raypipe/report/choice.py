@@ -1,6 +1,9 @@
-"""The route a run recommends, chosen without the test split: every route's model scored on the validation
-samples its own detection judged clean (``partition/val_cleaned/``, their given labels), the most accurate
-recommended (`raypipe.core.choice.recommend_route`). The test split is never read here."""
+"""The route a run recommends, chosen without the test split: every route's model scored on the whole validation
+split against its given labels (noisy like the training labels), the most accurate recommended
+(`raypipe.core.choice.recommend_route`). Its score on the validation samples that detection judged clean
+(``partition/val_cleaned/``) is kept beside it as evidence, not used to choose: those samples are the ones the
+detector agreed with, and a route trained to agree with the same detector (relabel, above all) scores high on
+them whether it is right or not (measured in docs/departures.md). The test split is never read here."""
 
 from __future__ import annotations
 
@@ -15,24 +18,37 @@ from raypipe.training.checkpoint import load_model
 from raypipe.training.loop import evaluate, resolve_device
 
 
-def cleaned_val_scores(run_layout: RunLayout, routes: list[str]) -> dict[str, dict[str, Any]]:
-    """route -> {"accuracy", "n"} on the validation samples detected as clean, for each of `routes` whose model
-    exists (in `ROUTES` order, the cheaper first); {} when the partition detected no validation split."""
+def _val_sets(run_layout: RunLayout) -> dict[str, Any]:
+    """The validation split (key ""), and the part of it detected as clean (key "_cleaned") when there is one."""
+    sets = {}
+    val = layout.split_file(run_layout.stage("data"), "val")
+    if storage.exists(val):
+        sets[""] = samples_from_table(storage.read_table(val))
     cleaned = layout.cleaned_val_file(run_layout.stage("partition"))
-    if not storage.exists(cleaned):
-        return {}
-    val = samples_from_table(storage.read_table(cleaned))
-    if len(val) == 0:
+    if storage.exists(cleaned):
+        sets["_cleaned"] = samples_from_table(storage.read_table(cleaned))
+    return {k: s for k, s in sets.items() if len(s) > 0}
+
+
+def val_scores(run_layout: RunLayout, routes: list[str]) -> dict[str, dict[str, Any]]:
+    """route -> {"accuracy", "n"} on the validation split (given labels) and {"accuracy_cleaned", "n_cleaned"} on its
+    samples detected as clean, for each of `routes` whose model exists (in `ROUTES` order, the cheaper first);
+    {} when the run has no validation split."""
+    sets = _val_sets(run_layout)
+    if "" not in sets:
         return {}
     device = resolve_device("cpu")
     scores = {}
     for route in (r for r in ROUTES if r in routes and storage.exists(run_layout.model(r))):
         model = load_model(run_layout.model(route))[0].to(device)
-        scores[route] = {"accuracy": evaluate(model, val.x, val.label, device)["accuracy"], "n": len(val)}
+        scores[route] = {}
+        for suffix, val in sets.items():
+            scores[route][f"accuracy{suffix}"] = evaluate(model, val.x, val.label, device)["accuracy"]
+            scores[route][f"n{suffix}"] = len(val)
     return scores
 
 
 def recommendation(run_layout: RunLayout, routes: list[str]) -> dict[str, Any]:
-    """report.json's `recommended_route`: the route, why, and the evidence (every route's cleaned-val score)."""
-    scores = cleaned_val_scores(run_layout, routes)
+    """report.json's `recommended_route`: the route, why, and the evidence (every route's validation scores)."""
+    scores = val_scores(run_layout, routes)
     return {**recommend_route(scores), "evidence": scores}

@@ -178,13 +178,22 @@ def _choice_md(report: dict[str, Any]) -> list[str]:
     choice = report.get("recommended_route") or {}
     if choice.get("route"):
         evidence = ", ".join(f"{ROUTE_TITLES[r]} {s['accuracy']:.4f}" for r, s in choice["evidence"].items())
+        cleaned = ", ".join(
+            f"{ROUTE_TITLES[r]} {s['accuracy_cleaned']:.4f}" for r, s in choice["evidence"].items() if "n_cleaned" in s
+        )
         lines += [
             "## Recommended route (chosen without the test split)",
             "",
-            f"**{ROUTE_TITLES[choice['route']]}**: {choice['why']}. Accuracy on the validation samples detected as "
-            f"clean: {evidence}.",
+            f"**{ROUTE_TITLES[choice['route']]}**: {choice['why']}. Accuracy on the validation split (given labels): "
+            f"{evidence}.",
             "",
         ]
+        if cleaned:
+            lines += [
+                f"On the validation samples detected as clean (evidence only: they favour the routes that agree with "
+                f"the detector): {cleaned}.",
+                "",
+            ]
     relabel = report.get("relabel") or {}
     if "suggested_accuracy_flagged" in relabel:
         lines += [
@@ -240,7 +249,7 @@ def write_report(run_layout: RunLayout, config: Config, manifests: dict[str, dic
         evidence = choice["evidence"][choice["route"]]
         log(
             f"[report] recommended route: {ROUTE_TITLES[choice['route']]} (accuracy {evidence['accuracy']:.4f} on the "
-            f"{evidence['n']} validation samples detected as clean; the test split was not used)"
+            f"{evidence['n']} validation samples, their given labels; the test split was not used)"
         )
     for warning in report["warnings"]:
         log(f"[report] warning: {warning}")

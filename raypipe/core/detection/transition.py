@@ -71,6 +71,20 @@ def noisy_share_per_given_class(t: np.ndarray, prior: np.ndarray) -> np.ndarray:
     return np.where(given > 0, 1.0 - keep / np.maximum(given, 1e-300), 0.0).clip(0.0, 1.0)
 
 
+def corruption_posterior(probs: np.ndarray, t: np.ndarray, given: np.ndarray) -> np.ndarray:
+    """float64 [N]: P(label wrong | x, given label) by Bayes, from class probabilities probs [N, C] = P(true class
+    | x) and T [C, C]: 1 - probs[n, g] T[g, g] / sum_i probs[n, i] T[i, g] with g the given label. The best any
+    detector can do with these probabilities (flag where it is >= 0.5); with probabilities from a model trained on
+    the true labels and the true T it is the detection ceiling the benchmarks quote."""
+    probs = np.asarray(probs, dtype=np.float64)
+    t = np.asarray(t, dtype=np.float64)
+    given = np.asarray(given, dtype=np.int64)
+    joint = probs * t[:, given].T  # [N, C]: P(true i | x) P(given g_n | true i)
+    total = joint.sum(axis=1)
+    keep = joint[np.arange(len(given)), given]
+    return np.where(total > 0, 1.0 - keep / np.maximum(total, 1e-300), 0.0).clip(0.0, 1.0)
+
+
 def noise_structure(t: np.ndarray, prior: np.ndarray, min_concentration: float = 0.5) -> dict:
     """Is the noise of T class-dependent? -> JSON-able dict.
 
