@@ -163,7 +163,7 @@ class NotStoppedBySigint(AssertionError):
     """The run was still going 120 s after SIGINT. Seen intermittently in long pytest sessions only (never in
     20+ runs of these tests alone, loaded or not); the message carries the process's signal masks (right after
     its start and at the end) and every thread's stack, to find where it was. Not an inherited SIGINT as far as
-    checked: after a Tune sweep, Ray Train, and every test module before this one, the pytest process still had
+    checked: after a Tune sweep, Ray Train, and the non-slow tests of every module before this one, pytest still had
     SIGINT unblocked and not ignored (Tune leaves its own Python handler, which no child inherits), and the children
     now set SIGINT as a terminal does anyway."""
 
