@@ -77,9 +77,9 @@ def detector_rows(done: C.Finished) -> tuple[dict[str, dict], dict[str, dict]]:
     part = lay.stage("partition")
     tables = [storage.read_table(u) for u in storage.list_files(layout.signals_dir(part), ".parquet")]
     cols = columns_from_table(pa.concat_tables(tables))
-    signals = partition.gather_signals(cols, layout.trajectory_dir(lay.stage("initial")))
     num_classes = done.run.summary("data")["num_classes"]
     transition = done.run.summary("partition")["transition_matrix"]
+    signals = partition.gather_signals(cols, layout.trajectory_dir(lay.stage("initial")), transition)
 
     def scored(chosen: dict, decision: str) -> dict:
         det = dataclasses.replace(cfg.detection, signal="auto", decision=decision)

@@ -12,6 +12,7 @@ from raypipe.core.detection.transition import (
     empirical_transition,
     estimate_from_neighbours,
     estimate_transition,
+    neighbourhood_noise_posterior,
     noise_structure,
     noisy_share_per_given_class,
     plurality_cap,
@@ -185,3 +186,22 @@ def test_corruption_posterior_is_bayes_on_known_answers():
     expected = 1 - p_given * 0.6 / (p_given * 0.6 + (1 - p_given) * 0.4 / (C - 1))
     np.testing.assert_allclose(corruption_posterior(p, symmetric(0.4), given), expected)
     assert not corruption_posterior(p, np.eye(C), given).any()
+
+
+def test_neighbourhood_noise_posterior_knows_which_classes_can_produce_a_label():
+    # Cyclic flips at 40% (every class to the next), planted neighbourhoods of 30 (10% of neighbours from anywhere).
+    # A wrong label sits among neighbours labelled 60% / 40% by its true class's row of T: its agreement (~0.4) looks
+    # like an ambiguous sample's, but only one class can produce that label by a flip, and the posterior says so.
+    t = pairs(0.4, {a: (a + 1) % C for a in range(C)})
+    prior = np.full(C, 1 / C)
+    true, given, counts = neighbourhoods(t, prior, n=4000, k=30, seed=3, contamination=0.1)
+    wrong = given != true
+    p = neighbourhood_noise_posterior(given, counts, t, prior)
+    assert p.shape == (4000,) and np.all((p >= 0) & (p <= 1))
+    assert ((p >= 0.5) == wrong).mean() > 0.97  # the Bayes decision is right on nearly every sample
+    agreement = counts[np.arange(4000), given] / 30
+    assert ((agreement < 0.5) == wrong).mean() < 0.9  # plain agreement at its natural cut is far worse
+    # The same posterior from the EM's own estimate (no ground truth) decides alike.
+    est = estimate_from_neighbours(given, counts, C)
+    p_hat = neighbourhood_noise_posterior(given, counts, np.asarray(est["estimate"]), np.asarray(est["prior"]))
+    assert ((p_hat >= 0.5) == wrong).mean() > 0.95

@@ -211,8 +211,8 @@ def run(
     tables = [storage.read_table(out) for _, out in jobs]
     lengths = [t.num_rows for t in tables]
     cols = columns_from_table(pa.concat_tables(tables))
-    signals = gather_signals(cols, trajectory_uri)
     transition = transition_estimate(cols, num_classes, det, seed)
+    signals = gather_signals(cols, trajectory_uri, transition)
     p_noisy, score, signals_used = decide(signals, cols["label"], num_classes, det, seed, transition)
     signals_used["missing"] = dict(missing or {})
     is_clean = split(p_noisy, cfg.tau)

@@ -22,6 +22,7 @@ from raypipe import storage
 from raypipe.config import Config, DetectionConfig
 from raypipe.core.detection import KnnIndex
 from raypipe.core.detection.fine import ClassGram, alignment
+from raypipe.core.detection.transition import neighbourhood_noise_posterior
 from raypipe.core.mixture import MixtureFit
 from raypipe.tables import columns_from_table, table_from_columns
 
@@ -179,13 +180,21 @@ def read_trajectory(trajectory_uri: str | None, sample_id: np.ndarray) -> dict[s
     return out if np.isfinite(out["aum"]).all() else {}
 
 
-def gather_signals(cols: dict[str, np.ndarray], trajectory_uri: str | None) -> dict[str, np.ndarray]:
-    """Every suspicion score the signal shards and the trajectory hold (higher = more suspect)."""
+def gather_signals(
+    cols: dict[str, np.ndarray], trajectory_uri: str | None, transition: dict | None = None
+) -> dict[str, np.ndarray]:
+    """Every suspicion score the signal shards and the trajectory hold (higher = more suspect); with the noise
+    transition estimate (`transition`, from the partition), also `knn_bayes`: the chance the label is wrong given
+    the neighbours' labels in the estimate's probe space (`neighbourhood_noise_posterior`)."""
     signals = {"attribution": cols["p_attribution"], "loss": cols["loss"]}
     for name in ("knn", "knn_early"):
         if f"{name}_agreement" in cols:
             signals[name] = 1.0 - cols[f"{name}_agreement"]
     if "fine_alignment" in cols:
         signals["fine"] = 1.0 - cols["fine_alignment"]
+    if transition is not None and f"{transition['space']}_counts" in cols:
+        t, prior = np.asarray(transition["estimate"]), np.asarray(transition["prior"])
+        counts = cols[f"{transition['space']}_counts"]
+        signals["knn_bayes"] = neighbourhood_noise_posterior(cols["label"], counts, t, prior)
     signals.update(read_trajectory(trajectory_uri, cols["sample_id"]))
     return signals

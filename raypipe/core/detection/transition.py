@@ -44,12 +44,7 @@ def estimate_transition(
     previous, iterations = -np.inf, 0
     while iterations < max_iterations:
         iterations += 1
-        log_joint = np.log(prior) + x @ np.log(np.maximum(t, 1e-300)).T  # [N, C]: log P(true i, counts n)
-        top = log_joint.max(axis=1, keepdims=True)
-        weights = np.exp(log_joint - top)
-        total = weights.sum(axis=1, keepdims=True)
-        posterior = weights / total
-        log_likelihood = float((top + np.log(total)).mean())
+        posterior, log_likelihood = class_posterior(x, t, prior)
         prior = np.maximum(posterior.mean(axis=0), 1e-12)
         mass = posterior.T @ x  # [C, C]: expected labels of each class around samples of each true class
         rows = mass.sum(axis=1, keepdims=True)
@@ -58,6 +53,30 @@ def estimate_transition(
             break
         previous = log_likelihood
     return t, prior / prior.sum(), posterior, {"iterations": iterations, "mean_log_likelihood": log_likelihood}
+
+
+def class_posterior(counts: np.ndarray, t: np.ndarray, prior: np.ndarray) -> tuple[np.ndarray, float]:
+    """(posterior [N, C], mean log-likelihood): P(true class i | counts[n]) under counts[n] ~ Multinomial(T[i]),
+    i ~ prior (the E-step of `estimate_transition`), computed in log space."""
+    x = np.asarray(counts, dtype=np.float64)
+    log_joint = np.log(np.maximum(prior, 1e-300)) + x @ np.log(np.maximum(t, 1e-300)).T  # [N, C]
+    top = log_joint.max(axis=1, keepdims=True)
+    weights = np.exp(log_joint - top)
+    total = weights.sum(axis=1, keepdims=True)
+    return weights / total, float((top + np.log(total)).mean())
+
+
+def neighbourhood_noise_posterior(
+    labels: np.ndarray, neighbour_counts: np.ndarray, t: np.ndarray, prior: np.ndarray
+) -> np.ndarray:
+    """float64 [N]: P(label wrong | the neighbours' labels, given label) under the latent class model of
+    `estimate_transition`: the neighbours' label counts [N, C] (the sample's own label left out: it is what is
+    judged) give the posterior of the neighbourhood's true class, and Bayes with T turns it and the given label into
+    the chance the label is wrong (`corruption_posterior`). Unlike neighbour agreement, it knows which classes can
+    produce a given label: under cyclic flips a boot labelled T-shirt among boots labelled 60% boot / 40% T-shirt is
+    wrong for sure, while its agreement (0.4) looks like any ambiguous sample's."""
+    posterior, _ = class_posterior(neighbour_counts, t, prior)
+    return corruption_posterior(posterior, t, labels)
 
 
 def noisy_share_per_given_class(t: np.ndarray, prior: np.ndarray) -> np.ndarray:
