@@ -4,9 +4,9 @@ its given labels (ties: the first in the order given, i.e. the cheaper route fir
 Why the given, noisy labels rank routes rightly: when a label's noise depends on its true class only and every
 true class keeps its own label more often than it gives any other (T[y, y] > T[y, j], the condition under which
 labels can be learnt at all), a prediction moved from a wrong class to the true one gains T[y, y] - T[y, j] > 0 of
-expected noisy accuracy, and a move away loses as much; under symmetric noise noisy accuracy is an increasing
-affine function of clean accuracy. No detector decides which samples count, so nothing favours the route that
-agrees with the detector.
+expected noisy accuracy, and a move away loses as much (a move between two wrong classes can shift it too, under
+class-dependent noise); under symmetric noise noisy accuracy is an increasing affine function of clean accuracy.
+No detector decides which samples count, so nothing favours the route that agrees with the detector.
 
 Arrays in, arrays out: no Ray, no file I/O.
 """
