@@ -259,8 +259,9 @@ class DetectionConfig:
     - fine: 1 - alignment with the given class's principal direction in the final probe space (FINE);
     - trajectory: -AUM (area under the margin) over the first aum_epochs of the initial training,
       only when raypipe trained the initial model;
-    - auto: every available signal (attribution p_noisy, loss, knn, knn_early, fine, the trajectory's aum,
-      early_loss and wrong_events) combined without ground truth by raypipe.core.detection.combine_signals.
+    - auto: every available signal (attribution p_noisy, loss, knn, knn_early, knn_bayes (the chance the label
+      is wrong given the neighbours' labels and the transition estimate), fine, the trajectory's aum, early_loss
+      and wrong_events) combined without ground truth by raypipe.core.detection.combine_signals.
     Every signal but `attribution` is turned into p_noisy by a per-class decision (`decision`), so
     noise that moves one class into a partner class is judged against that class's own baseline.
     """
