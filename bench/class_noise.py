@@ -262,16 +262,21 @@ def goals(results: dict) -> list[list]:
     return rows
 
 
-def main() -> None:
-    parser = C.parser(__doc__)
+def split_options(parser, epochs: int, epochs_help: str) -> None:
+    """The options that pick the splits and noises (shared with detection_ceiling.py, which bounds these runs)."""
     parser.add_argument("--n", type=int, default=20000, help="training samples (a subset)")
-    parser.add_argument("--epochs", type=int, default=30, help="Initial epochs (and each cleanlab fold's)")
+    parser.add_argument("--epochs", type=int, default=epochs, help=epochs_help)
     parser.add_argument("--model", default="cnn_small")
     parser.add_argument("--noises", default=",".join(NOISES))
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--folds", type=int, default=3)
+
+
+def main() -> None:
+    parser = C.parser(__doc__)
+    split_options(parser, 30, "Initial epochs (and each cleanlab fold's)")
     parser.add_argument("--one-seed", default="", help="noise settings run at the first seed only (time)")
     parser.add_argument("--cleanlab-seeds", default="0", help="seeds that also run cleanlab's K-fold (time)")
-    parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--from", dest="from_stage", default=None, help="recompute from this stage (e.g. partition)")
     parser.add_argument("--fresh-cleanlab", action="store_true", help="rerun cleanlab even when its result is saved")
     args = parser.parse_args()

@@ -23,7 +23,7 @@ import time
 
 import common as C
 import numpy as np
-from class_noise import GIVEN_GOALS, GOALS, NOISES, overrides
+from class_noise import GIVEN_GOALS, GOALS, NOISES, overrides, split_options
 from detection_vs_cleanlab import scores
 
 from raypipe import pipeline
@@ -144,12 +144,7 @@ def goals(results: dict) -> list[list]:
 
 def main() -> None:
     parser = C.parser(__doc__)
-    parser.add_argument("--n", type=int, default=20000, help="training samples (a subset)")
-    parser.add_argument("--epochs", type=int, default=15, help="epochs of each clean fold model")
-    parser.add_argument("--model", default="cnn_small")
-    parser.add_argument("--noises", default=",".join(NOISES))
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--folds", type=int, default=3)
+    split_options(parser, 15, "epochs of each clean fold model")
     args = parser.parse_args()
     b = C.Bench.start("detection_ceiling", args)
     if b.quick:
