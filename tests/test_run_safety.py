@@ -82,8 +82,9 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 240) -> Non
 
 
 # What Ray prints besides raypipe: its processes' logs ("(TrainController pid=12) ..."; their own tracebacks
-# of retried internal calls on a loaded machine included) and Ray Data's progress bars.
-RAY_LOG = re.compile(r"^\s*\((\w+ )?pid=\d+|row/s\]|^\s*- \w+")
+# of retried internal calls on a loaded machine included), the raylet's own ("(raylet) ... is over 95% full",
+# at any time, after raypipe's error line too) and Ray Data's progress bars.
+RAY_LOG = re.compile(r"^\s*\((\w+ )?pid=\d+|^\s*\(raylet\)|row/s\]|^\s*- \w+")
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
