@@ -91,17 +91,19 @@ def _own_leftovers(root: Path) -> list[int]:
 def _warm_up(address: str, token: str, deadline: float) -> None:
     """Run a no-op job. The Jobs API answers GETs before the head can take a job: until its job
     agent is up a submission fails with 'No available agent to submit job, please try again later',
-    and on a busy machine the dashboard may drop the first POSTs (connection closed)."""
+    on a busy machine the dashboard may drop the first POSTs (connection closed), and its version
+    endpoint may answer 200 with a body that is not JSON yet (the client's version check fails)."""
     import requests
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
     while True:
         try:
+            client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
             job_id = client.submit_job(entrypoint="python -c 'print(1)'")
             break
-        except (RuntimeError, requests.exceptions.ConnectionError) as e:
-            not_yet = isinstance(e, requests.exceptions.ConnectionError) or "No available agent" in str(e)
+        except (RuntimeError, requests.exceptions.ConnectionError, requests.exceptions.JSONDecodeError) as e:
+            early = (requests.exceptions.ConnectionError, requests.exceptions.JSONDecodeError)
+            not_yet = isinstance(e, early) or "No available agent" in str(e)
             if not not_yet or time.monotonic() > deadline:
                 raise
             time.sleep(2)
