@@ -14,6 +14,7 @@ from raypipe.config import ROUTES
 from raypipe.core.choice import recommend_route
 from raypipe.data import samples_from_table
 from raypipe.layout import RunLayout
+from raypipe.stages.data import read_split
 from raypipe.training.checkpoint import load_model
 from raypipe.training.loop import evaluate, resolve_device
 
@@ -21,9 +22,8 @@ from raypipe.training.loop import evaluate, resolve_device
 def _val_sets(run_layout: RunLayout) -> dict[str, Any]:
     """The validation split (key ""), and the part of it detected as clean (key "_cleaned") when there is one."""
     sets = {}
-    val = layout.split_file(run_layout.stage("data"), "val")
-    if storage.exists(val):
-        sets[""] = samples_from_table(storage.read_table(val))
+    if storage.exists(layout.split_file(run_layout.stage("data"), "val")):
+        sets[""] = read_split(run_layout.stage("data"), "val")
     cleaned = layout.cleaned_val_file(run_layout.stage("partition"))
     if storage.exists(cleaned):
         sets["_cleaned"] = samples_from_table(storage.read_table(cleaned))
