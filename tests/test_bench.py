@@ -244,13 +244,16 @@ def test_matched_budget_quick(tmp_path):
         assert 1 <= row["retrain_matched_epochs"] <= epochs, name  # the time budget never adds epochs
     assert accuracy(seed["oracle"]["accuracy"]) and accuracy(seed["retrain_full"]["accuracy"])
     assert seed["retrain_full"]["epochs"] == epochs
-    choice = seed["choice"]
-    assert choice["route"] in choice["test"] and choice["test_best"] in choice["test"]
+    choice, test = seed["choice"], seed["test"]
+    assert choice["route"] in test and seed["test_best"] in test
     assert finite(choice["loss"], 0.0, 1.0)  # test accuracy given up by choosing without the test split
-    # every candidate was scored on the validation split and on its samples detected as clean, none on the test split
-    assert set(choice["evidence"]) == set(choice["test"])
-    assert all(0 < e["n_cleaned"] <= e["n"] for e in choice["evidence"].values())
-    assert choice["route_by_cleaned"] in choice["test"] and finite(choice["loss_by_cleaned"], 0.0, 1.0)
+    # every candidate was scored on the validation split (given labels, and corrected by the estimated noise) and on
+    # its samples detected as clean, none on the test split; every rule picked one of them
+    assert set(choice["evidence"]) == set(test)
+    assert all(0 < e["n_cleaned"] <= e["n"] and finite(e["accuracy_corrected"]) for e in choice["evidence"].values())
+    assert set(choice["by_rule"]) == {"given", "corrected", "cleaned"}
+    for rule, pick in choice["by_rule"].items():
+        assert pick["route"] in test and pick["loss"] == test[seed["test_best"]] - test[pick["route"]], rule
     summary = data["summary"]["sym40"]
     assert summary["best_route"] in rows and all(finite(v) for v in summary["rows"]["f_ft/pruned"]["gap"])
     assert "## sym40" in md and "Retrain same wall" in md and "Pruning on - off" in md

@@ -12,7 +12,7 @@ import pytest
 import raypipe
 from raypipe import layout, storage
 from raypipe.config import load_config
-from raypipe.core.choice import recommend_route
+from raypipe.core.choice import noise_corrected_accuracy, recommend_route
 from raypipe.core.detection.relabel import confident_relabels, suggestion_accuracy, vote_shares
 from raypipe.core.detection.transfer import fit_transfer
 from raypipe.errors import ConfigError
@@ -103,6 +103,55 @@ def test_recommend_route_picks_the_best_and_the_first_on_a_tie():
     assert recommend_route({"f_ft": {"accuracy": 0.9, "n": 0}})["route"] is None
 
 
+def test_recommend_route_reads_the_score_its_rule_names():
+    scores = {
+        "l_ft": {"accuracy": 0.9, "n": 10, "accuracy_corrected": 0.80, "accuracy_cleaned": 0.99, "n_cleaned": 6},
+        "f_ft": {"accuracy": 0.8, "n": 10, "accuracy_corrected": 0.85, "accuracy_cleaned": 0.90, "n_cleaned": 6},
+        "retrain": {"accuracy": 0.7, "n": 10, "accuracy_corrected": 0.95},  # no cleaned score: not a candidate there
+    }
+    assert recommend_route(scores)["route"] == "l_ft"  # the product's rule: given labels
+    corrected = recommend_route(scores, "corrected")
+    assert corrected["route"] == "retrain" and corrected["rule"] == "corrected" and "corrected" in corrected["why"]
+    cleaned = recommend_route(scores, "cleaned")
+    assert (cleaned["route"], cleaned["n"]) == ("l_ft", 6)
+    nan = {r: {**s, "accuracy_corrected": float("nan")} for r, s in scores.items()}
+    assert recommend_route(nan, "corrected")["route"] is None  # no estimate of T: the rule has nothing to read
+
+
+def _noisy_labels(true: np.ndarray, t: np.ndarray, rng) -> np.ndarray:
+    """Given labels drawn from row true[n] of T [C, C]."""
+    cumulative = t.cumsum(axis=1)[true]
+    return (rng.random(len(true))[:, None] > cumulative).sum(axis=1).clip(0, t.shape[0] - 1)
+
+
+def test_noise_corrected_accuracy_recovers_the_true_accuracy_and_ranking_under_class_pair_noise():
+    rng = np.random.default_rng(0)
+    c, n = 4, 400_000
+    t = np.eye(c)
+    t[0, 0], t[0, 1] = 0.6, 0.4  # class 0 -> 1 flipped 40% of the time, the other classes kept
+    true = rng.integers(0, c, n)
+    given = _noisy_labels(true, t, rng)
+    # Route A errs on 10% of class 1 (given labels all right there: every mistake costs 1 point of noisy accuracy);
+    # route B errs on 20% of class 0, calling it 1 (costs only T[0,0] - T[0,1] = 0.2 of noisy accuracy each).
+    a, b = true.copy(), true.copy()
+    ones, zeros = np.flatnonzero(true == 1), np.flatnonzero(true == 0)
+    a[ones[: len(ones) // 10]] = 2
+    b[zeros[: len(zeros) // 5]] = 1
+    clean = {"a": (a == true).mean(), "b": (b == true).mean()}
+    noisy = {"a": (a == given).mean(), "b": (b == given).mean()}
+    corrected = {"a": noise_corrected_accuracy(a, given, t), "b": noise_corrected_accuracy(b, given, t)}
+    assert clean["a"] > clean["b"] and noisy["a"] < noisy["b"]  # the given labels rank the two wrongly
+    assert corrected["a"] > corrected["b"]  # the correction ranks them as the true labels do
+    for r in ("a", "b"):
+        assert corrected[r] == pytest.approx(clean[r], abs=0.005)
+    # T = I (no noise) changes nothing; a singular T gives no estimate rather than a wild one
+    assert noise_corrected_accuracy(a, true, np.eye(c)) == pytest.approx(clean["a"])
+    half = np.eye(c)
+    half[0, :2] = 0.5
+    half[1, :2] = 0.5
+    assert np.isnan(noise_corrected_accuracy(a, given, half))
+
+
 # ---------------------------------------------------------------------------------------------
 # The time budget of the one training loop.
 
@@ -176,7 +225,9 @@ def test_recommended_route_is_the_test_best_and_never_reads_the_test_split(plant
     # chosen on the whole validation split (given labels); the samples detected as clean are kept as evidence
     assert all(s["n"] == report["data"]["rows"]["val"] for s in choice["evidence"].values())
     assert report["validation_detection"]["n_clean"] == choice["evidence"]["f_ft"]["n_cleaned"]
-    assert "validation samples (their given labels)" in choice["why"]
+    assert "validation samples (their given labels)" in choice["why"] and choice["rule"] == "given"
+    # beside it, the same predictions scored against the true labels as the partition's estimated noise implies
+    assert all(0.0 <= s["accuracy_corrected"] <= 1.05 for s in choice["evidence"].values())
     # without the test split the choice and its evidence are the same: it was never read (on a copy of the run)
     shutil.copytree(out, tmp_path / "run")
     lay = RunLayout(str(tmp_path / "run"))
