@@ -18,6 +18,7 @@ seconds / the Initial's; vs matched = route - Retrain at the route's wall time (
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import common as C
@@ -124,7 +125,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def summarize(per_seed: dict[str, dict]) -> dict:
     """Mean and spread over seeds of every row of one noise setting (gap closed per seed, then averaged)."""
     seeds = list(per_seed.values())
-    out: dict = {"rows": {}}
+    out: dict = {"rows": {}, "n_seeds": len(seeds)}
     for key in ("initial", "oracle", "retrain_full"):
         out[key] = mean_std([s[key]["accuracy"] for s in seeds])
     out["initial_fit"] = mean_std([s["initial"]["train_accuracy_given_labels"] for s in seeds])
@@ -162,11 +163,11 @@ def pm(v: tuple[float, float], digits: int = 4) -> str:
     return f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
 
 
-def render(summary: dict[str, dict], n_seeds: int) -> str:
+def render(summary: dict[str, dict]) -> str:
     lines = []
     for noise, s in summary.items():
         lines += [
-            f"## {noise} (mean ± std over {n_seeds} seeds)",
+            f"## {noise} (mean ± std over {s['n_seeds']} seeds)",
             "",
             f"Initial {pm(s['initial'])} (fit of its given labels {pm(s['initial_fit'])}), Oracle {pm(s['oracle'])}, "
             f"Retrain at the Initial's budget {pm(s['retrain_full'])} (gap {pm(s['gap_retrain_full'], 2)}).",
@@ -268,8 +269,15 @@ def main() -> None:
     parser.add_argument("--ft-epochs", type=int, default=10, help="L-FT, F-FT and Relabel epochs (Adam lr 1e-3)")
     parser.add_argument("--model", default="cnn_small")
     parser.add_argument("--reuse", action="store_true", help="keep finished stages (the trained Initials) under --runs")
+    parser.add_argument(
+        "--merge",
+        default="",
+        help="comma-separated results .json of earlier runs (e.g. one seed each): summarize their seeds, run nothing",
+    )
     args = parser.parse_args()
     b = C.Bench.start("matched_budget", args)
+    if args.merge:
+        return merge(b, [Path(p) for p in args.merge.split(",")])
     if b.quick:
         n, epochs, ft_epochs, model, noises, seeds = 600, 4, 2, "mlp", ["sym40"], [0]
     else:
@@ -296,7 +304,21 @@ def main() -> None:
             per_seed[seed] = one_seed(b, overrides(n, epochs, model, ft_epochs, noise, seed), work, log)
         per_noise[noise] = per_seed
     summary = {noise: summarize(per_seed) for noise, per_seed in per_noise.items()}
-    body = "\n".join(C.goals_md(goals(summary))) + "\n\n" + render(summary, len(seeds))
+    body = "\n".join(C.goals_md(goals(summary))) + "\n\n" + render(summary)
+    b.write("Repair against Retrain at the same cost", body, {"summary": summary, "per_seed": per_noise}, params)
+
+
+def merge(b: C.Bench, sources: list[Path]) -> None:
+    """One table from the per-seed results of several runs of this script (same settings but the seeds)."""
+    per_noise: dict[str, dict] = {}
+    loaded = [json.loads(p.read_text()) for p in sources]
+    for data in loaded:
+        for noise, per_seed in data["per_seed"].items():
+            per_noise.setdefault(noise, {}).update(per_seed)
+    params = {**loaded[0]["meta"]["params"], "seeds": sorted({int(s) for v in per_noise.values() for s in v})}
+    params["merged_from"] = [d["meta"]["command"] + f" (finished {d['meta']['finished_at']})" for d in loaded]
+    summary = {noise: summarize(per_seed) for noise, per_seed in per_noise.items()}
+    body = "\n".join(C.goals_md(goals(summary))) + "\n\n" + render(summary)
     b.write("Repair against Retrain at the same cost", body, {"summary": summary, "per_seed": per_noise}, params)
 
 

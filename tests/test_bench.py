@@ -257,3 +257,20 @@ def test_matched_budget_quick(tmp_path):
     summary = data["summary"]["sym40"]
     assert summary["best_route"] in rows and all(finite(v) for v in summary["rows"]["f_ft/pruned"]["gap"])
     assert "## sym40" in md and "Retrain same wall" in md and "Pruning on - off" in md
+    # --merge: one table from the per-seed results of earlier runs, running nothing; the seeds it read, summarized
+    # the same way (here one run merged with itself under another seed number)
+    second = json.loads(json.dumps(data).replace('"0": {', '"7": {', 1))
+    (tmp_path / "second.json").write_text(json.dumps(second))
+    merged_dir = tmp_path / "merged"
+    sources = f"{tmp_path / 'results' / 'matched_budget_quick.json'},{tmp_path / 'second.json'}"
+    cmd = [sys.executable, str(BENCH / "matched_budget.py"), "--quick", "--merge", sources]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    p = subprocess.run([*cmd, "--results", str(merged_dir)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    merged = json.loads((merged_dir / "matched_budget_quick.json").read_text())
+    assert sorted(merged["per_seed"]["sym40"]) == ["0", "7"] and merged["meta"]["params"]["seeds"] == [0, 7]
+    both = merged["summary"]["sym40"]
+    assert both["n_seeds"] == 2 and both["rows"]["f_ft/pruned"]["accuracy"][0] == pytest.approx(
+        summary["rows"]["f_ft/pruned"]["accuracy"][0]
+    )
+    assert both["rows"]["f_ft/pruned"]["accuracy"][1] == pytest.approx(0.0)  # the same seed twice: no spread
