@@ -57,8 +57,6 @@ def overrides(n: int, epochs: int, model: str, ft_epochs: int, noise: str, seed:
 
 def one_seed(b: C.Bench, over: list[str], work: Path, log) -> dict:
     """Every row of one (noise, seed): the base run, the unpruned routes, the Oracle, Retrain at matched time."""
-    if not b.args.reuse:
-        C.fresh_dir(work)
     base = C.run_pipeline(b.config(over), work / "base", log)
     rep, lay = base.report, base.layout
     init = rep["routes"]["initial"]
@@ -299,7 +297,10 @@ def main() -> None:
         for seed in seeds:
             print(f"== {noise} seed {seed}", C.loadavg(), flush=True)
             work = b.runs(noise, f"seed{seed}")
-            work.mkdir(parents=True, exist_ok=True)
+            if args.reuse:
+                work.mkdir(parents=True, exist_ok=True)
+            else:
+                C.fresh_dir(work)  # before the log opens: emptied after, its log would be written to no file
             log = C.log_to(work / "log.txt")
             per_seed[seed] = one_seed(b, overrides(n, epochs, model, ft_epochs, noise, seed), work, log)
         per_noise[noise] = per_seed

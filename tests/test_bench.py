@@ -257,6 +257,8 @@ def test_matched_budget_quick(tmp_path):
     summary = data["summary"]["sym40"]
     assert summary["best_route"] in rows and all(finite(v) for v in summary["rows"]["f_ft/pruned"]["gap"])
     assert "## sym40" in md and "Retrain same wall" in md and "Pruning on - off" in md
+    log = (tmp_path / "runs" / "matched_budget_quick" / "sym40" / "seed0" / "log.txt").read_text()
+    assert "[initial]" in log and "[retrain]" in log  # the seed's log survives the emptying of its folder
     # --merge: one table from the per-seed results of earlier runs, running nothing; the seeds it read, summarized
     # the same way (here one run merged with itself under another seed number)
     second = json.loads(json.dumps(data).replace('"0": {', '"7": {', 1))
