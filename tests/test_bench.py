@@ -232,6 +232,19 @@ def test_missing_fashion_mnist(monkeypatch, tmp_path):
         common.choose_data(quick=False)
 
 
+def test_prune_activation_quick(tmp_path):
+    data, md = run_quick("prune_activation", tmp_path)
+    (seed,) = data["per_seed"]["sym40"].values()
+    routes = {"l_ft", "f_ft", "relabel"}
+    for start in ("unpruned", "pre_relu", "post_relu"):
+        assert set(seed[start]["accuracy"]) == routes and all(accuracy(a) for a in seed[start]["accuracy"].values())
+    assert seed["unpruned"]["n_pruned"] == 0 and seed["pre_relu"]["n_pruned"] == seed["post_relu"]["n_pruned"] > 0
+    # the post-ReLU rule's neurons were chosen by what the head sees; they are stored, and fire on some samples
+    assert finite(seed["post_relu"]["firing_share"], 0.0, 1.0) and seed["post_relu"]["firing_share"] > 0
+    assert 0 <= seed["overlap"] <= seed["pre_relu"]["n_pruned"]
+    assert "pruned post-ReLU - unpruned" in md
+
+
 def test_matched_budget_quick(tmp_path):
     data, md = run_quick("matched_budget", tmp_path)
     assert set(data) == {"meta", "summary", "per_seed"}

@@ -98,3 +98,30 @@ def test_rank_neurons_skips_already_pruned():
     assert rank_neurons(beta, 3, pruned).tolist() == [2, 4, 0]
     assert rank_neurons(beta, 10, pruned).tolist() == [2, 4, 0, 3]  # never more than the live neurons
     assert rank_neurons(beta, 2, np.zeros(6, bool)).tolist() == [1, 2]
+
+
+def test_post_relu_regression_never_ranks_a_neuron_that_never_fires(tmp_path):
+    """Neuron 0's pre-activation tracks the noisy samples but stays below 0, so the head never sees it: the
+    paper's pre-ReLU regression ranks it first, the post-ReLU one gives it beta 0 and ranks the neuron that fires."""
+    from raypipe import storage
+    from raypipe.stages.prune import shard_stats
+    from raypipe.tables import table_from_columns
+
+    rng = np.random.default_rng(0)
+    n = 400
+    noisy = rng.random(n) < 0.4
+    h = rng.normal(size=(n, 3)).astype(np.float32)
+    h[:, 0] = -5.0 + 2.0 * noisy + 0.1 * rng.normal(size=n)  # in [-5.3, -2.7]: never fires
+    h[:, 1] = np.abs(h[:, 1]) + 0.5 * noisy  # fires, weakly tied to the noisy samples
+    ids = np.arange(n)
+    probe_uri, part_uri = str(tmp_path / "probe.parquet"), str(tmp_path / "part.parquet")
+    storage.write_table(probe_uri, table_from_columns({"sample_id": ids, "probe": h}))
+    part = {"sample_id": ids, "p_noisy": noisy.astype(np.float64), "is_clean": ~noisy}
+    storage.write_table(part_uri, table_from_columns(part))
+    ranked = {}
+    for activation in ("pre_relu", "post_relu"):
+        beta, _ = SufficientStats.from_dict(shard_stats(probe_uri, part_uri, "p_noisy", activation)).solve()
+        ranked[activation] = rank_neurons(beta, 1)[0]
+        if activation == "post_relu":
+            assert beta[0] == pytest.approx(0.0, abs=1e-9)
+    assert ranked == {"pre_relu": 0, "post_relu": 1}

@@ -305,6 +305,9 @@ class PruneConfig:
     fraction: float = 0.156
     # Regression target: `p_noisy` (the posterior) or `indicator` (1 - is_clean).
     target: Literal["p_noisy", "indicator"] = "p_noisy"
+    # What the regression reads of each probe neuron: `pre_relu` h(x) (the paper), or `post_relu` relu(h(x)), what
+    # the next layer sees: a neuron that never fires has no variance there, so it is never ranked (docs/departures.md).
+    activation: Literal["pre_relu", "post_relu"] = "pre_relu"
 
     def validate(self) -> None:
         check_setting(0.0 <= self.fraction < 1.0, "prune.fraction", "must be in [0, 1)")

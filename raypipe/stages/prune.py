@@ -21,13 +21,16 @@ from raypipe.tables import columns_from_table
 from raypipe.training.checkpoint import load_model, save_model
 
 
-def shard_stats(attribution_uri: str, partition_uri: str, target: str) -> dict[str, np.ndarray]:
+def shard_stats(attribution_uri: str, partition_uri: str, target: str, activation: str) -> dict[str, np.ndarray]:
+    """The regression's sufficient statistics of one shard: its probe activations [B, d] (pre-ReLU as stored, or
+    through the ReLU) against its target [B]."""
     probe = columns_from_table(storage.read_table(attribution_uri, columns=["sample_id", "probe"]))
     part = columns_from_table(storage.read_table(partition_uri, columns=["sample_id", "p_noisy", "is_clean"]))
     if not np.array_equal(probe["sample_id"], part["sample_id"]):
         raise RuntimeError(f"shards '{attribution_uri}' and '{partition_uri}' do not hold the same samples")
     y = part["p_noisy"] if target == "p_noisy" else (~part["is_clean"].astype(bool)).astype(np.float64)
-    return SufficientStats(probe["probe"].shape[1]).update(probe["probe"], y).to_dict()
+    x = probe["probe"] if activation == "pre_relu" else np.maximum(probe["probe"], 0.0)
+    return SufficientStats(x.shape[1]).update(x, y).to_dict()
 
 
 def run(
@@ -36,7 +39,7 @@ def run(
     model, signature, _ = load_model(model_uri)
     shards = attribution_shards(attribution_uri)
     jobs = [(uri, storage.join(layout.partition_dir(partition_uri), uri.rsplit("/", 1)[-1])) for uri in shards]
-    parts = executor.map(lambda job: shard_stats(job[0], job[1], cfg.target), jobs, "sensitivity")
+    parts = executor.map(lambda job: shard_stats(job[0], job[1], cfg.target, cfg.activation), jobs, "sensitivity")
     stats = SufficientStats(model.probe_width)
     for part in parts:
         stats.merge(SufficientStats.from_dict(part))
@@ -48,7 +51,16 @@ def run(
     save_model(layout.model_file(out_uri), model, signature, {"pruned_neurons": neurons.tolist()})
     storage.write_json(
         layout.neurons_file(out_uri),
-        {"pruned": neurons.tolist(), "beta": beta.tolist(), "intercept": intercept, "target": cfg.target},
+        {
+            "pruned": neurons.tolist(),
+            "beta": beta.tolist(),
+            "intercept": intercept,
+            "target": cfg.target,
+            "activation": cfg.activation,
+        },
     )
-    log(f"[prune] {len(neurons)} of {model.probe_width} probe neurons pruned (regression on {cfg.target}, n={stats.n})")
+    log(
+        f"[prune] {len(neurons)} of {model.probe_width} probe neurons pruned "
+        f"(regression of {cfg.target} on {cfg.activation} activations, n={stats.n})"
+    )
     return {"n_pruned": int(len(neurons)), "probe_width": model.probe_width, "n_rows": stats.n}
