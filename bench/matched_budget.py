@@ -88,8 +88,10 @@ def one_seed(b: C.Bench, over: list[str], work: Path, log) -> dict:
             retrain_matched_seconds=s["seconds_total"],
             retrain_matched_epochs=s["epochs"],
         )
-    evidence = {**rep["recommended_route"]["evidence"]}
-    evidence.update({f"{r}/unpruned": v for r, v in val_scores(unpruned, list(FINE_TUNE_ROUTES)).items()})
+    # the report's evidence, and the noise-corrected score it leaves out, for every route and start
+    evidence = val_scores(lay, list(rep["routes"]), corrected=True)
+    unpruned_scores = val_scores(unpruned, list(FINE_TUNE_ROUTES), corrected=True)
+    evidence.update({f"{r}/unpruned": v for r, v in unpruned_scores.items()})
     test = {"initial": init["accuracy"], "retrain": rep["routes"]["retrain"]["accuracy"]}
     test.update({r: rep["routes"][r]["accuracy"] for r in FINE_TUNE_ROUTES})
     test.update({f"{r}/unpruned": rows[f"{r}/unpruned"]["accuracy"] for r in FINE_TUNE_ROUTES})

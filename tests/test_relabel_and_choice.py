@@ -226,8 +226,6 @@ def test_recommended_route_is_the_test_best_and_never_reads_the_test_split(plant
     assert all(s["n"] == report["data"]["rows"]["val"] for s in choice["evidence"].values())
     assert report["validation_detection"]["n_clean"] == choice["evidence"]["f_ft"]["n_cleaned"]
     assert "validation samples (their given labels)" in choice["why"] and choice["rule"] == "given"
-    # beside it, the same predictions scored against the true labels as the partition's estimated noise implies
-    assert all(0.0 <= s["accuracy_corrected"] <= 1.05 for s in choice["evidence"].values())
     # without the test split the choice and its evidence are the same: it was never read (on a copy of the run)
     shutil.copytree(out, tmp_path / "run")
     lay = RunLayout(str(tmp_path / "run"))

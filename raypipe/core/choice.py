@@ -11,7 +11,9 @@ No detector decides which samples count, so nothing favours the route that agree
 Under class-dependent noise the ranking holds per sample but the weights differ: a mistake on a true class that
 keeps only T[y, y] of its labels costs T[y, y] - T[y, j] of noisy accuracy, one on a class that keeps all of them
 costs 1, so two routes that trade mistakes between such classes can swap places. `noise_corrected_accuracy` undoes
-that with the estimated transition matrix and is kept beside the plain score.
+that given the transition matrix; with the matrix estimated from the data it is only as good as the estimate, which
+is poorest under class pairs, where it would matter (docs/departures.md, section 12), so it is a rule that
+bench/matched_budget.py measures, not the product's.
 
 Arrays in, arrays out: no Ray, no file I/O.
 """
@@ -51,7 +53,7 @@ RULES = {
     "corrected": ("accuracy_corrected", "n", "validation samples (given labels, corrected by the estimated noise)"),
     "cleaned": ("accuracy_cleaned", "n_cleaned", "validation samples detection judged clean"),
 }
-CHOICE_RULE = "given"  # the product's rule (the others are kept as evidence and measured in bench/matched_budget.py)
+CHOICE_RULE = "given"  # the product's rule (bench/matched_budget.py measures the others beside it)
 
 
 def recommend_route(scores: dict[str, dict[str, Any]], rule: str = CHOICE_RULE) -> dict[str, Any]:

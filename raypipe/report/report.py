@@ -188,17 +188,6 @@ def _choice_md(report: dict[str, Any]) -> list[str]:
             f"{evidence}.",
             "",
         ]
-        corrected = ", ".join(
-            f"{ROUTE_TITLES[r]} {s['accuracy_corrected']:.4f}"
-            for r, s in choice["evidence"].items()
-            if "accuracy_corrected" in s
-        )
-        if corrected:
-            lines += [
-                f"The same predictions against the true labels as the estimated noise transition implies (evidence "
-                f"only): {corrected}.",
-                "",
-            ]
         if cleaned:
             lines += [
                 f"On the validation samples detected as clean (evidence only: they favour the routes that agree with "
