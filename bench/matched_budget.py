@@ -318,7 +318,8 @@ def merge(b: C.Bench, sources: list[Path]) -> None:
     for data in loaded:
         for noise, per_seed in data["per_seed"].items():
             per_noise.setdefault(noise, {}).update(per_seed)
-    params = {**loaded[0]["meta"]["params"], "seeds": sorted({int(s) for v in per_noise.values() for s in v})}
+    params = {**loaded[0]["meta"]["params"], "noises": list(per_noise)}
+    params["seeds"] = {noise: sorted(int(s) for s in per_seed) for noise, per_seed in per_noise.items()}
     params["merged_from"] = [d["meta"]["command"] + f" (finished {d['meta']['finished_at']})" for d in loaded]
     summary = {noise: summarize(per_seed) for noise, per_seed in per_noise.items()}
     body = "\n".join(C.goals_md(goals(summary))) + "\n\n" + render(summary)

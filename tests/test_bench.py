@@ -283,7 +283,7 @@ def test_matched_budget_quick(tmp_path):
     p = subprocess.run([*cmd, "--results", str(merged_dir)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     merged = json.loads((merged_dir / "matched_budget_quick.json").read_text())
-    assert sorted(merged["per_seed"]["sym40"]) == ["0", "7"] and merged["meta"]["params"]["seeds"] == [0, 7]
+    assert sorted(merged["per_seed"]["sym40"]) == ["0", "7"] and merged["meta"]["params"]["seeds"] == {"sym40": [0, 7]}
     both = merged["summary"]["sym40"]
     assert both["n_seeds"] == 2 and both["rows"]["f_ft/pruned"]["accuracy"][0] == pytest.approx(
         summary["rows"]["f_ft/pruned"]["accuracy"][0]
