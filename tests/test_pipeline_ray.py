@@ -124,7 +124,7 @@ def test_ray_block_sums_equal_single_block(base_run, ray_executor, tmp_path):
         cols = {"sample_id": ids, "p_noisy": p_noisy, "is_clean": p_noisy < 0.5}
         storage.write_table(storage.join(part_dir, uri.rsplit("/", 1)[-1]), table_from_columns(cols))
     jobs = [(u, storage.join(part_dir, u.rsplit("/", 1)[-1])) for u in attribute.shards(attr_out)]
-    parts = ray_executor.map(lambda job: prune.shard_stats(job[0], job[1], "p_noisy"), jobs, "stats")
+    parts = ray_executor.map(lambda job: prune.shard_stats(job[0], job[1], "p_noisy", "pre_relu"), jobs, "stats")
     assert len(parts) == len(jobs) >= 3
     merged = SufficientStats(256)
     for part in parts:
