@@ -260,14 +260,19 @@ def goals(summary: dict[str, dict]) -> list[list]:
     return rows
 
 
-def main() -> None:
-    parser = C.parser(__doc__)
+def add_run_options(parser) -> None:
+    """The settings of a matched_budget run (`overrides`), also taken by the scripts that read its runs."""
     parser.add_argument("--seeds", default="0,1,2", help="run.seed = noise.seed, one Initial each")
     parser.add_argument("--noises", default=",".join(NOISES))
     parser.add_argument("--n", type=int, default=20000, help="training samples (a subset)")
     parser.add_argument("--initial-epochs", type=int, default=80, help="Initial, Retrain (full) and Oracle epochs")
     parser.add_argument("--ft-epochs", type=int, default=10, help="L-FT, F-FT and Relabel epochs (Adam lr 1e-3)")
     parser.add_argument("--model", default="cnn_small")
+
+
+def main() -> None:
+    parser = C.parser(__doc__)
+    add_run_options(parser)
     parser.add_argument("--reuse", action="store_true", help="keep finished stages (the trained Initials) under --runs")
     parser.add_argument(
         "--merge",

@@ -5,7 +5,7 @@ and how often the pruned neurons fire (relu(h) > 0) on the training split. A neu
 nothing to the head, so pruning it changes no prediction.
 
     .venv/bin/python bench/prune_activation.py [--quick] --runs DIR [--seeds 0,1,2] [--noises sym40,pairs40]
-        [--n 20000] [--initial-epochs 30] [--ft-epochs 5] [--model cnn_small]
+        [--n 20000] [--initial-epochs 80] [--ft-epochs 10] [--model cnn_small]
 
 The settings must be those the matched_budget runs under --runs were made with (their stages are reused, not
 recomputed; a setting that differs recomputes from that stage on). --quick makes its own tiny matched_budget run.
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import common as C
 import numpy as np
-from matched_budget import overrides
+from matched_budget import add_run_options, overrides
 
-from raypipe import pipeline, storage
+from raypipe import layout, pipeline, storage
 from raypipe.config import FINE_TUNE_ROUTES, ROUTE_TITLES
 from raypipe.executors import LocalExecutor
 from raypipe.layout import RunLayout
@@ -51,7 +51,7 @@ def finished_accuracy(lay: RunLayout, route: str) -> float:
 
 
 def pruned_neurons(lay: RunLayout) -> list[int]:
-    return storage.read_json(storage.join(lay.stage("prune"), "neurons.json"))["pruned"]
+    return storage.read_json(layout.neurons_file(lay.stage("prune")))["pruned"]
 
 
 def one_seed(b: C.Bench, over: list[str], work: Path, log) -> dict:
@@ -131,12 +131,7 @@ def render(per_noise: dict[str, dict]) -> str:
 
 def main() -> None:
     parser = C.parser(__doc__)
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--noises", default="sym40,pairs40")
-    parser.add_argument("--n", type=int, default=20000)
-    parser.add_argument("--initial-epochs", type=int, default=30)
-    parser.add_argument("--ft-epochs", type=int, default=5)
-    parser.add_argument("--model", default="cnn_small")
+    add_run_options(parser)  # matched_budget's, defaults included: its runs are read with the settings they had
     args = parser.parse_args()
     b = C.Bench.start("prune_activation", args)
     if b.quick:  # a tiny matched_budget run of its own to read

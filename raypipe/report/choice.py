@@ -1,7 +1,6 @@
 """The route a run recommends, chosen without the test split: every route's model scored on the whole validation
 split against its given labels (noisy like the training labels), the most accurate recommended
-(`raypipe.core.choice.recommend_route`). Beside it, the score on the validation samples that detection judged
-clean
+(`raypipe.core.choice.recommend_route`). Its score on the validation samples that detection judged clean
 (``partition/val_cleaned/``) is kept beside it as evidence, not used to choose: those samples are the ones the
 detector agreed with, and a route trained to agree with the same detector (relabel, above all) scores high on
 them whether it is right or not (measured in docs/departures.md). The test split is never read here."""
